@@ -1,0 +1,431 @@
+"""Collectives that keep a log of what moved, and the conjugate autograd pairs built on them.
+
+Every collective here is a thin call into `torch.distributed` that also appends a
+`CommRecord` (operation, group, payload bytes, bytes this rank sends) to the rank's log,
+so that a notebook can show exactly what a layer communicated:
+
+    with comm.record() as log:
+        y = layer(x)
+    comm.summary(log)          # {"all_reduce": {"calls": 1, "bytes": ...}}
+
+The second half defines the operators of Megatron-LM's tensor parallelism as autograd
+functions whose backward is the conjugate of the forward (Shoeybi et al. 2019, section 3):
+
+    forward             backward            name here
+    identity            all-reduce          copy_to_parallel_region      ("f")
+    all-reduce          identity            reduce_from_parallel_region  ("g")
+    split (keep mine)   all-gather          scatter_to_parallel_region
+    all-gather          split               gather_from_parallel_region
+    reduce-scatter      all-gather          reduce_scatter_to_sequence_region
+    all-gather          reduce-scatter      gather_from_sequence_region
+    all-to-all          inverse all-to-all  all_to_all
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import dataclasses
+from collections import OrderedDict
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import cost
+
+__all__ = [
+    "CommRecord", "record", "summary", "in_flight", "completed_count", "reset_counters",
+    "new_group", "group_name", "group_size", "group_rank",
+    "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "exchange_counts",
+    "broadcast", "send", "recv", "isend", "irecv", "barrier",
+    "copy_to_parallel_region", "reduce_from_parallel_region", "scatter_to_parallel_region",
+    "gather_from_parallel_region", "reduce_scatter_to_sequence_region",
+    "gather_from_sequence_region", "all_to_all_autograd",
+]
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
+        "product": dist.ReduceOp.PRODUCT}
+
+
+# --------------------------------------------------------------------------- the log
+
+@dataclasses.dataclass(frozen=True)
+class CommRecord:
+    """One collective as this rank saw it."""
+
+    index: int  # sequence number of the call on this rank, from 1
+    op: str  # "all_reduce", "all_gather", ...
+    group: str  # "world", or the name given to new_group
+    group_size: int
+    nbytes: int  # payload: the full logical tensor the collective acts on
+    sent_bytes: int  # what this rank puts on the wire (ring algorithms, see shardlab.cost)
+    shape: tuple
+    dtype: str
+
+    def __str__(self) -> str:
+        return (f"#{self.index} {self.op} on {self.group} (p={self.group_size}): "
+                f"{_fmt_bytes(self.nbytes)} payload, {_fmt_bytes(self.sent_bytes)} sent")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+_recorders: list[list[CommRecord]] = []
+_in_flight: CommRecord | None = None
+_completed = 0
+_group_names: dict[int, str] = {}
+
+
+@contextlib.contextmanager
+def record() -> Iterator[list[CommRecord]]:
+    """Collect every collective this rank calls inside the block (nesting is fine)."""
+    log: list[CommRecord] = []
+    _recorders.append(log)
+    try:
+        yield log
+    finally:
+        _recorders.remove(log)
+
+
+def summary(log: Sequence[CommRecord]) -> dict[str, dict[str, int]]:
+    """Calls, payload bytes and sent bytes per operation, in first-seen order."""
+    out: dict[str, dict[str, int]] = OrderedDict()
+    for rec in log:
+        s = out.setdefault(rec.op, {"calls": 0, "bytes": 0, "sent_bytes": 0})
+        s["calls"] += 1
+        s["bytes"] += rec.nbytes
+        s["sent_bytes"] += rec.sent_bytes
+    return dict(out)
+
+
+def in_flight() -> dict | None:
+    """The collective this rank is inside right now (used to diagnose hangs)."""
+    return dataclasses.asdict(_in_flight) if _in_flight is not None else None
+
+
+def completed_count() -> int:
+    return _completed
+
+
+def reset_counters() -> None:
+    global _completed, _in_flight
+    _completed, _in_flight = 0, None
+
+
+@contextlib.contextmanager
+def _logged(op: str, group, nbytes: int, sent: float, t: torch.Tensor):
+    global _in_flight, _completed
+    rec = CommRecord(_completed + 1, op, group_name(group), group_size(group), int(nbytes),
+                     int(round(sent)), tuple(t.shape), str(t.dtype).replace("torch.", ""))
+    _in_flight = rec
+    yield
+    _in_flight = None
+    _completed += 1
+    for log in _recorders:
+        log.append(rec)
+
+
+# --------------------------------------------------------------------------- groups
+
+def new_group(ranks: Sequence[int], name: str):
+    """`dist.new_group` that remembers a name for the log. Every rank must call it."""
+    group = dist.new_group(list(ranks))
+    if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
+        _group_names[id(group)] = name
+    return group
+
+
+def group_name(group=None) -> str:
+    if group is None or group is dist.group.WORLD:
+        return "world"
+    return _group_names.get(id(group), f"group{list(dist.get_process_group_ranks(group))}")
+
+
+def group_size(group=None) -> int:
+    return dist.get_world_size(group)
+
+
+def group_rank(group=None) -> int:
+    return dist.get_rank(group)
+
+
+# --------------------------------------------------------------------------- collectives
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _op(op: str):
+    try:
+        return _OPS[op]
+    except KeyError:
+        raise ValueError(f"unknown reduce op {op!r}: use one of {sorted(_OPS)}") from None
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """Reduce `x` over the group, in place; every rank ends with the result. Returns `x`."""
+    p = group_size(group)
+    with _logged("all_reduce", group, _nbytes(x), cost.allreduce_bytes(_nbytes(x), p), x):
+        if p > 1:
+            dist.all_reduce(x, op=_op(op), group=group)
+    return x
+
+
+def all_gather(x: torch.Tensor, dim: int = 0, group=None) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim`, in rank order (a new tensor)."""
+    p = group_size(group)
+    full = _nbytes(x) * p
+    with _logged("all_gather", group, full, cost.allgather_bytes(full, p), x):
+        if p == 1:
+            return x.clone()
+        x0 = x.movedim(dim, 0).contiguous()
+        out = torch.empty((p * x0.shape[0], *x0.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x0, group=group)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int = 0, op: str = "sum", group=None) -> torch.Tensor:
+    """Reduce `x` over the group and give rank r the r-th of p equal slices along `dim`."""
+    p = group_size(group)
+    if x.shape[dim] % p:
+        raise ValueError(f"reduce_scatter: dim {dim} has size {x.shape[dim]}, not divisible by "
+                         f"the group size {p}; pad it or choose another dim")
+    with _logged("reduce_scatter", group, _nbytes(x), cost.reduce_scatter_bytes(_nbytes(x), p), x):
+        if p == 1:
+            return x.clone()
+        x0 = x.movedim(dim, 0).contiguous()
+        out = torch.empty((x0.shape[0] // p, *x0.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, x0, op=_op(op), group=group)
+    return out.movedim(0, dim)
+
+
+def exchange_counts(input_split_sizes: Sequence[int], group=None) -> list[int]:
+    """The count exchange that precedes an uneven all-to-all: how many rows each peer sends me."""
+    p = group_size(group)
+    if len(input_split_sizes) != p:
+        raise ValueError(f"need one split size per rank ({p}), got {len(input_split_sizes)}")
+    dev = _device_for(group)
+    send_counts = torch.tensor(list(input_split_sizes), dtype=torch.int64, device=dev)
+    recv_counts = torch.empty_like(send_counts)
+    sent = _nbytes(send_counts) * (p - 1) / p
+    with _logged("all_to_all", group, _nbytes(send_counts), sent, send_counts):
+        if p == 1:
+            recv_counts.copy_(send_counts)
+        else:
+            dist.all_to_all_single(recv_counts, send_counts, group=group)
+    return [int(c) for c in recv_counts.tolist()]
+
+
+def all_to_all(x: torch.Tensor, input_split_sizes: Sequence[int] | None = None,
+               output_split_sizes: Sequence[int] | None = None, group=None) -> torch.Tensor:
+    """Send rows of `x` (dim 0) to every rank: `input_split_sizes[j]` rows go to rank j.
+
+    With equal splits, pass neither size list. With uneven splits and unknown output
+    sizes, the counts are exchanged first (a small all-to-all of its own, logged too).
+    """
+    p = group_size(group)
+    if input_split_sizes is None:
+        if x.shape[0] % p:
+            raise ValueError(f"all_to_all: {x.shape[0]} rows do not split evenly over {p} ranks; "
+                             "pass input_split_sizes")
+        input_split_sizes = [x.shape[0] // p] * p
+    input_split_sizes = [int(s) for s in input_split_sizes]
+    if len(input_split_sizes) != p or sum(input_split_sizes) != x.shape[0] or min(input_split_sizes) < 0:
+        raise ValueError(f"input_split_sizes {input_split_sizes} must have {p} non-negative "
+                         f"entries summing to the {x.shape[0]} rows of x")
+    if output_split_sizes is None:
+        output_split_sizes = exchange_counts(input_split_sizes, group)
+    output_split_sizes = [int(s) for s in output_split_sizes]
+    row = math.prod(x.shape[1:]) * x.element_size()
+    me = group_rank(group)
+    sent = (sum(input_split_sizes) - input_split_sizes[me]) * row
+    out = torch.empty((sum(output_split_sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    with _logged("all_to_all", group, _nbytes(x), sent, x):
+        if p == 1:
+            out.copy_(x)
+        else:
+            dist.all_to_all_single(out, x.contiguous(), output_split_sizes, input_split_sizes,
+                                   group=group)
+    return out
+
+
+def broadcast(x: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
+    """Copy `x` from global rank `src` to every rank of the group, in place."""
+    p = group_size(group)
+    sent = _nbytes(x) if dist.get_rank() == src else 0
+    with _logged("broadcast", group, _nbytes(x), sent, x):
+        if p > 1:
+            dist.broadcast(x, src=src, group=group)
+    return x
+
+
+def send(x: torch.Tensor, dst: int, group=None) -> None:
+    """Blocking point-to-point send to global rank `dst`."""
+    with _logged("send", group, _nbytes(x), _nbytes(x), x):
+        dist.send(x.contiguous(), dst=dst, group=group)
+
+
+def recv(x: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """Blocking receive from global rank `src` into `x`; returns `x`."""
+    with _logged("recv", group, _nbytes(x), 0, x):
+        dist.recv(x, src=src, group=group)
+    return x
+
+
+def isend(x: torch.Tensor, dst: int, group=None):
+    """Non-blocking send; returns the work handle (call `.wait()`)."""
+    with _logged("isend", group, _nbytes(x), _nbytes(x), x):
+        return dist.isend(x.contiguous(), dst=dst, group=group)
+
+
+def irecv(x: torch.Tensor, src: int, group=None):
+    """Non-blocking receive into `x`; returns the work handle."""
+    with _logged("irecv", group, _nbytes(x), 0, x):
+        return dist.irecv(x, src=src, group=group)
+
+
+def barrier(group=None) -> None:
+    t = torch.zeros(1, device=_device_for(group))
+    with _logged("barrier", group, 0, 0, t):
+        if group_size(group) > 1:
+            dist.all_reduce(t, group=group)  # a barrier that also works on NCCL without device_ids
+
+
+def _device_for(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- conjugate pairs
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    p, r = group_size(group), group_rank(group)
+    if x.shape[dim] % p:
+        raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} over {p} ranks: "
+                         "choose a degree that divides it")
+    return x.chunk(p, dim=dim)[r].contiguous()
+
+
+class _CopyToParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.contiguous().clone(), group=ctx.group), None
+
+
+class _ReduceFromParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.contiguous().clone(), group=group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad.contiguous(), dim=ctx.dim, group=ctx.group), None, None
+
+
+class _GatherFromParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return all_gather(x.contiguous(), dim=dim, group=group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterToSequenceRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return reduce_scatter(x, dim=dim, group=group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad.contiguous(), dim=ctx.dim, group=ctx.group), None, None
+
+
+class _GatherFromSequenceRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return all_gather(x.contiguous(), dim=dim, group=group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter(grad.contiguous(), dim=ctx.dim, group=ctx.group), None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, input_splits, output_splits, group):
+        ctx.group, ctx.input_splits, ctx.output_splits = group, input_splits, output_splits
+        return all_to_all(x, input_splits, output_splits, group=group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The inverse all-to-all: what came from rank j goes back to rank j.
+        back = all_to_all(grad.contiguous(), ctx.output_splits, ctx.input_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def copy_to_parallel_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    """The "f" operator: identity forward, all-reduce of the gradient backward.
+
+    Placed where a replicated input enters a column-parallel layer: each rank's
+    gradient w.r.t. the input is partial, and their sum is the true gradient.
+    """
+    return _CopyToParallelRegion.apply(x, group)
+
+
+def reduce_from_parallel_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    """The "g" operator: all-reduce forward, identity backward (after a row-parallel layer)."""
+    return _ReduceFromParallelRegion.apply(x, group)
+
+
+def scatter_to_parallel_region(x: torch.Tensor, group=None, dim: int = -1) -> torch.Tensor:
+    """Keep this rank's slice of `dim` forward; all-gather the gradient backward."""
+    return _ScatterToParallelRegion.apply(x, group, dim)
+
+
+def gather_from_parallel_region(x: torch.Tensor, group=None, dim: int = -1) -> torch.Tensor:
+    """All-gather the slices along `dim` forward; keep this rank's slice of the gradient backward."""
+    return _GatherFromParallelRegion.apply(x, group, dim)
+
+
+def reduce_scatter_to_sequence_region(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
+    """Sequence parallelism's exit from a TP block: reduce-scatter forward, all-gather backward."""
+    return _ReduceScatterToSequenceRegion.apply(x, group, dim)
+
+
+def gather_from_sequence_region(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
+    """Sequence parallelism's entry to a TP block: all-gather forward, reduce-scatter backward."""
+    return _GatherFromSequenceRegion.apply(x, group, dim)
+
+
+def all_to_all_autograd(x: torch.Tensor, input_split_sizes: Sequence[int],
+                        output_split_sizes: Sequence[int], group=None) -> torch.Tensor:
+    """Expert parallelism's dispatch: all-to-all forward, the inverse all-to-all backward."""
+    return _AllToAll.apply(x, list(input_split_sizes), list(output_split_sizes), group)

@@ -1,0 +1,45 @@
+"""Shared test set-up: process hygiene checks and the ordering that puts the book build last."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def rank_processes() -> list:
+    """Live rank processes started by this test process (they are the forkserver's children)."""
+    import psutil
+
+    out = []
+    for child in psutil.Process().children(recursive=False):
+        try:
+            if "forkserver" in " ".join(child.cmdline()):
+                out += [p for p in child.children(recursive=True)
+                        if p.status() != psutil.STATUS_ZOMBIE]
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_no_rank_processes(timeout: float = 5.0) -> list:
+    """Rank processes still alive after `timeout` seconds (an empty list is the goal)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = rank_processes()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def pytest_collection_modifyitems(config, items):
+    # The book build executes every notebook again: run it after everything cheaper.
+    items.sort(key=lambda item: "test_book" in item.nodeid)
