@@ -43,3 +43,43 @@ def wait_no_rank_processes(timeout: float = 5.0) -> list:
 def pytest_collection_modifyitems(config, items):
     # The book build executes every notebook again: run it after everything cheaper.
     items.sort(key=lambda item: "test_book" in item.nodeid)
+
+
+@pytest.fixture(scope="session")
+def clusters():
+    """`clusters(n)` gives a warm `n`-rank Cluster shared by the whole session (mock devices
+    here, NCCL on a GPU machine), so that multi-rank tests pay the start-up once."""
+    from shardlab import Cluster
+
+    made: dict = {}
+
+    def get(n: int, backend: str = "auto"):
+        key = (n, backend)
+        if key not in made:
+            made[key] = Cluster(n, backend)
+        return made[key]
+
+    yield get
+    for cluster in made.values():
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def gpu_clusters():
+    """Like `clusters`, but NCCL only; skips when there are not enough GPUs."""
+    import torch
+
+    from shardlab import Cluster
+
+    made: dict = {}
+
+    def get(n: int):
+        if torch.cuda.device_count() < n:
+            pytest.skip(f"needs {n} GPUs, found {torch.cuda.device_count()}")
+        if n not in made:
+            made[n] = Cluster(n, "nccl")
+        return made[n]
+
+    yield get
+    for cluster in made.values():
+        cluster.shutdown()
