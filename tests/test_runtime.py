@@ -195,3 +195,28 @@ def test_torchrun_runs_the_same_function(tmp_path):
     proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=90, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "RESULT [1.0, 1.0]" in proc.stdout
+
+
+def _burn(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_start_up_survives_a_loaded_machine():
+    """gloo's full-mesh connect has failed on a busy 2-core box: the launcher must recover."""
+    import multiprocessing as mp
+
+    burners = [mp.get_context("spawn").Process(target=_burn, args=(20,), daemon=True)
+               for _ in range(2)]
+    for b in burners:
+        b.start()
+    try:
+        for _ in range(3):
+            with Cluster(4) as cluster:
+                assert cluster.run(allreduce_rank_sum) == [6.0] * 4
+    finally:
+        for b in burners:
+            b.kill()
+            b.join()
+    assert wait_no_rank_processes() == []
