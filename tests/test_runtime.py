@@ -24,13 +24,13 @@ from conftest import ROOT, wait_no_rank_processes
 def _raise_on_rank(bad: int):
     if shardlab.rank() == bad:
         raise ValueError(f"planted failure on rank {bad}")
-    x = torch.ones(1)
+    x = torch.ones(1, device=shardlab.device())
     dist.all_reduce(x)  # the healthy ranks block here, waiting for the failed one
     return x.item()
 
 
 def _hang_on_rank(bad: int):
-    x = torch.ones(1)
+    x = torch.ones(1, device=shardlab.device())
     if shardlab.rank() != bad:
         from shardlab import comm
 
