@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def execute(path: Path, timeout: int = 300) -> float:
     nb = nbformat.read(path, as_version=4)
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.pop("MPLBACKEND", None)  # the inline backend, as in JupyterLab and the book
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
     t0 = time.perf_counter()

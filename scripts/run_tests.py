@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NBVAL_DIRS = ["notebooks", "solutions"]
 
 if __name__ == "__main__":
-    env = dict(os.environ, MPLBACKEND="Agg", PYDEVD_DISABLE_FILE_VALIDATION="1")
+    env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
+    env.pop("MPLBACKEND", None)  # kernels keep the inline backend, as in JupyterLab
     cmd = [sys.executable, "-m", "pytest", "tests", *[d for d in NBVAL_DIRS if (ROOT / d).exists()],
            "--nbval", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg",
            "--nbval-current-env", "--nbval-cell-timeout", "300", "-p", "no:cacheprovider", *sys.argv[1:]]

@@ -10,7 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-os.environ.setdefault("MPLBACKEND", "Agg")
+# Agg for this process only: notebook kernels started by nbval inherit the environment and
+# must keep matplotlib's inline backend, or their figures would not be images.
+os.environ.pop("MPLBACKEND", None)
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
 
 
 def rank_processes() -> list:

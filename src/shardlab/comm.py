@@ -44,6 +44,11 @@ __all__ = [
     "gather_from_sequence_region", "all_to_all_autograd",
 ]
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (the old names
+# now emit a FutureWarning from every rank); torch 2.11-2.12 only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
         "product": dist.ReduceOp.PRODUCT}
 
@@ -186,7 +191,7 @@ def all_gather(x: torch.Tensor, dim: int = 0, group=None) -> torch.Tensor:
             return x.clone()
         x0 = x.movedim(dim, 0).contiguous()
         out = torch.empty((p * x0.shape[0], *x0.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x0, group=group)
+        _all_gather_single(out, x0, group=group)
     return out.movedim(0, dim)
 
 
@@ -201,7 +206,7 @@ def reduce_scatter(x: torch.Tensor, dim: int = 0, op: str = "sum", group=None) -
             return x.clone()
         x0 = x.movedim(dim, 0).contiguous()
         out = torch.empty((x0.shape[0] // p, *x0.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.reduce_scatter_tensor(out, x0, op=_op(op), group=group)
+        _reduce_scatter_single(out, x0, op=_op(op), group=group)
     return out.movedim(0, dim)
 
 
