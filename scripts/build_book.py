@@ -21,7 +21,10 @@ def build(clean: bool = False) -> float:
     cmd = [str(jb), "build", str(BOOK), "--warningiserror", "--keep-going", "--builder", "html"]
     if clean:
         cmd.insert(2, "--all")
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), MPLBACKEND="Agg",
+    # The kernels need matplotlib's inline backend: under "Agg", plt.show() and display(fig)
+    # emit no image, and the book would lose every figure, widget figures included.
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"),
+               MPLBACKEND="module://matplotlib_inline.backend_inline",
                SHARDLAB_BOOK_BUILD="1", PYDEVD_DISABLE_FILE_VALIDATION="1")
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)

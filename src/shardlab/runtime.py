@@ -199,8 +199,13 @@ def _die_with_parent(caller_pid: int) -> None:
 
 
 def _answer_status(ctl, main_ident: int) -> None:
-    """Side thread: report where the main thread is, even while it blocks in a collective."""
-    from . import comm
+    """Side thread: report where the main thread is, even while it blocks in a collective.
+
+    The answer (see `diagnose.status_report`) holds the call this rank waits in and how many
+    it completed, as the torch.distributed shim saw them, the main thread's Python stack, and
+    PyTorch's flight recorder entries when that is on.
+    """
+    from . import diagnose
 
     while True:
         try:
@@ -209,10 +214,17 @@ def _answer_status(ctl, main_ident: int) -> None:
             return
         if msg != "status":
             continue
-        frame = sys._current_frames().get(main_ident)
-        stack = traceback.format_stack(frame) if frame is not None else []
-        ctl.send({"in_flight": comm.in_flight(), "completed": comm.completed_count(),
-                  "stack": stack})
+        try:
+            frame = sys._current_frames().get(main_ident)
+            frames = traceback.extract_stack(frame) if frame is not None else []
+            del frame
+            report = diagnose.status_report(frames)
+        except Exception:  # noqa: BLE001 - an answer with less in it beats no answer
+            report = {"answered": True, "stack": [], "error": traceback.format_exc()}
+        try:
+            ctl.send(report)
+        except (OSError, ValueError):
+            return
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -239,6 +251,9 @@ def _worker_main(rank_: int, world: int, backend_: str, host: str, port: int,
         import torch.distributed as dist
 
         torch.set_num_threads(threads)
+        from . import diagnose
+
+        diagnose.start_worker(rank_, backend_)  # debug level from env, collective tracer
         store = dist.TCPStore(host, port, is_master=False,
                               timeout=datetime.timedelta(seconds=init_timeout))
         if backend_ == "nccl":
@@ -273,6 +288,7 @@ def _worker_main(rank_: int, world: int, backend_: str, host: str, port: int,
         if payload == b"stop":
             break
         comm.reset_counters()
+        diagnose.reset()
         try:
             fn, args, kwargs = cloudpickle.loads(payload)
             out = ("ok", _to_cpu(fn(*args, **kwargs)))
@@ -346,10 +362,13 @@ class Cluster:
 
     `backend="auto"` picks NCCL when there are enough GPUs and mock devices otherwise.
     After a failure or timeout the ranks are stopped; the next `run` starts fresh ones.
+    `debug=True` runs the ranks with TORCH_DISTRIBUTED_DEBUG=DETAIL: PyTorch checks that the
+    ranks agree on each collective before running it, and a mismatch raises at once (a
+    RankError). A timeout or failure reports where every rank stands (`shardlab.diagnose`).
     """
 
     def __init__(self, world_size: int, backend: str = "auto", *, timeout: float = DEFAULT_TIMEOUT,
-                 host: str = "127.0.0.1", start: bool = True):
+                 host: str = "127.0.0.1", start: bool = True, debug: bool = False):
         self.backend = resolve_backend(world_size, backend)
         self.world_size = world_size
         if timeout <= 0:
@@ -362,6 +381,8 @@ class Cluster:
         self._conns: list = []
         self._ctls: list = []
         self._store = None
+        self.debug = bool(debug)
+        self._trace_dir: str | None = None  # the ranks' black boxes (shardlab.diagnose)
         self._inline = under_torchrun()
         _LIVE.add(self)
         if start:
@@ -403,6 +424,10 @@ class Cluster:
         env = {}
         if self.host.startswith("127.") or self.host == "localhost":
             env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", _loopback_ifname())
+        from .diagnose import new_trace_dir, worker_env
+
+        self._trace_dir = new_trace_dir()
+        env.update(worker_env(self.debug, self._trace_dir))
         try:
             with _without_main_module():
                 for r in range(self.world_size):
@@ -470,6 +495,11 @@ class Cluster:
             c.close()
         self._procs, self._conns, self._ctls = [], [], []
         self._store = None
+        if getattr(self, "_trace_dir", None):
+            from .diagnose import remove_trace_dir
+
+            remove_trace_dir(self._trace_dir)
+            self._trace_dir = None
 
     def __enter__(self) -> "Cluster":
         return self
@@ -542,7 +572,7 @@ class Cluster:
             self._kill()
             raise
         if errors or pending:
-            diagnosis = self._diagnose(sorted(pending)) if pending else ""
+            diagnosis = self._diagnose(sorted(pending), errors)
             self._kill()
             if errors:
                 raise RankError(errors, diagnosis)
@@ -554,18 +584,39 @@ class Cluster:
         p.join(timeout=1)
         return f"rank {r} process exited unexpectedly (exit code {p.exitcode})"
 
-    def _diagnose(self, ranks: list[int]) -> str:
-        """Ask each stuck rank's side thread where its main thread is."""
-        from .diagnose import describe_waits
+    def _diagnose(self, ranks: list[int], errors: dict[int, str] | None = None) -> str:
+        """Ask every rank where it stands and say what the ranks disagree about.
 
-        reports = {}
-        for r in ranks:
-            ctl = self._ctls[r]
-            try:
-                ctl.send("status")
-                reports[r] = ctl.recv() if ctl.poll(1.0) else None
-            except (OSError, EOFError, ValueError):
-                reports[r] = None
+        `ranks` are the ranks still running, `errors` those that failed. Each live rank's side
+        thread answers even while its main thread blocks in a collective; a rank that died or
+        cannot answer is read from its black box. Returns "" when no collective is involved
+        (a plain exception in one rank needs only its traceback).
+        """
+        from .diagnose import describe_waits, read_black_box
+
+        errors = errors or {}
+        reports: dict[int, dict] = {}
+        for r, proc in enumerate(self._procs):
+            report = None
+            if proc.is_alive():
+                try:
+                    self._ctls[r].send("status")
+                    report = self._ctls[r].recv() if self._ctls[r].poll(1.0) else None
+                except (OSError, EOFError, ValueError):
+                    report = None
+            report = dict(report or {"answered": False})
+            if not report.get("answered") or not proc.is_alive():
+                report["black_box"] = read_black_box(self._trace_dir, r)
+            report["exitcode"] = proc.exitcode
+            report["state"] = ("dead" if proc.exitcode is not None else "waiting" if r in ranks
+                               else "failed" if r in errors else "finished")
+            reports[r] = report
+        in_collective = any(
+            (rep.get("trace") or rep.get("black_box") or {}).get("call")
+            or (rep.get("trace") or rep.get("black_box") or {}).get("failed")
+            for rep in reports.values())
+        if not ranks and not in_collective:
+            return ""
         return describe_waits(reports)
 
 

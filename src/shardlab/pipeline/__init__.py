@@ -7,6 +7,11 @@
 
 Only the standard library and numpy are imported here (no torch), so the
 calculators stay fast to import and can run in an in-browser Python.
+
+The real executor (:mod:`shardlab.pipeline.executor`: a model split over ranks and
+trained op by op under any of these schedules) and the comparison with
+``torch.distributed.pipelining`` (:mod:`shardlab.pipeline.torch_compare`) need torch;
+their main names are loaded on first use (``pipeline.run_pipeline``, ...).
 """
 
 from .schedules import (
@@ -40,3 +45,23 @@ __all__ = [
     "simulate",
     "validate_schedule",
 ]
+
+# Loaded on first use: these modules import torch.
+_LAZY = {
+    "executor": ("executor", None),
+    "torch_compare": ("torch_compare", None),
+    "run_pipeline": ("executor", "run_pipeline"),
+    "train_step": ("executor", "train_step"),
+    "reference_step": ("executor", "reference_step"),
+    "PipelineRun": ("executor", "PipelineRun"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    mod = importlib.import_module(f"{__name__}.{module}")
+    return mod if attr is None else getattr(mod, attr)
