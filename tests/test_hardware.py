@@ -153,3 +153,14 @@ def test_topology_bad_inputs():
         tp_verdict(t, [0, 0])
     with pytest.raises(ValueError, match="same device"):
         t.link_spec(1, 1)
+
+
+def test_topology_with_terminal_underline_codes_parses():
+    from pathlib import Path
+
+    from shardlab.hardware import parse_topology
+
+    text = (Path(__file__).parent / "fixtures" / "nvidia-smi-topo-2xH100.txt").read_text()
+    underlined = text.replace("\tGPU0\tGPU1", "\t\x1b[4mGPU0\tGPU1", 1).replace("GPU NUMA ID", "GPU NUMA ID\x1b[0m", 1)
+    assert "\x1b[4m" in underlined
+    assert parse_topology(underlined).link(0, 1) == "NV18"

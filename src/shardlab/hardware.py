@@ -232,6 +232,8 @@ def parse_topology(text: str) -> Topology:
     Affinity, NUMA Affinity, GPU NUMA ID) and NIC rows/columns (``NIC0``, old ``mlx5_0``) are
     dropped; the legend is ignored.
     """
+    # A terminal run underlines the header with ANSI escape codes: drop them first.
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
     lines = [line for line in text.splitlines() if line.strip()]
     header_at = next((n for n, line in enumerate(lines)
                       if line.split() and line.split()[0] == "GPU0"), None)
