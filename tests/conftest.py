@@ -49,6 +49,23 @@ def wait_no_rank_processes(timeout: float = 5.0) -> list:
         time.sleep(0.1)
 
 
+def import_without_torch(modules: str, expression: str) -> str:
+    """Import `modules` (e.g. "shardlab.memory, shardlab.cost") in a fresh Python where torch
+    cannot be imported and shardlab's __init__ (which imports the runtime) is bypassed;
+    return what `print(expression)` wrote. Proves the arithmetic modules need no torch."""
+    import subprocess
+
+    pkg_dir = str(ROOT / "src" / "shardlab")
+    code = ("import sys, types; sys.modules['torch'] = None\n"
+            f"pkg = types.ModuleType('shardlab'); pkg.__path__ = [{pkg_dir!r}]\n"
+            "sys.modules['shardlab'] = pkg\n"
+            f"import {modules}\n"
+            f"print({expression})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 def pytest_collection_modifyitems(config, items):
     # The book build executes every notebook again: run it after everything cheaper.
     items.sort(key=lambda item: "test_book" in item.nodeid)

@@ -1,10 +1,10 @@
 """Unit tests for shardlab.memory: shapes, parameter counts, bytes."""
 
-import os
-import subprocess
 import sys
 
 import pytest
+
+from conftest import import_without_torch
 
 from shardlab import memory
 from shardlab.memory import (
@@ -236,12 +236,6 @@ def test_module_imports_without_torch():
     # The arithmetic modules must import with only stdlib + numpy (for in-browser use).
     # A bare package object stands in for shardlab/__init__.py, which may import torch for
     # the runtime: this checks these three modules only.
-    pkg_dir = os.path.dirname(memory.__file__)
-    code = ("import sys, types; sys.modules['torch'] = None\n"
-            f"pkg = types.ModuleType('shardlab'); pkg.__path__ = [{pkg_dir!r}]\n"
-            "sys.modules['shardlab'] = pkg\n"
-            "import shardlab.memory, shardlab.hardware, shardlab.cost\n"
-            "print(shardlab.memory.parameter_count('llama3-8b'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert int(out.stdout) == parameter_count("llama3-8b")
+    out = import_without_torch("shardlab.memory, shardlab.hardware, shardlab.cost",
+                               "shardlab.memory.parameter_count('llama3-8b')")
+    assert int(out) == parameter_count("llama3-8b")

@@ -4,14 +4,14 @@ helpers (shardlab.drills) and the drills page that lists the drill notebooks."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+
+from conftest import import_without_torch
 
 from shardlab import drills, memory, planner
 from shardlab.hardware import GB, LINKS, LinkSpec
@@ -315,15 +315,10 @@ def test_evaluate_bad_layout():
 
 # ---------------------------------------------------------------------------- imports
 def test_planner_imports_without_torch():
-    pkg_dir = os.path.dirname(planner.__file__)
-    code = ("import sys, types; sys.modules['torch'] = None\n"
-            f"pkg = types.ModuleType('shardlab'); pkg.__path__ = [{pkg_dir!r}]\n"
-            "sys.modules['shardlab'] = pkg\n"
-            "import shardlab.planner, shardlab.drills\n"
-            "print(shardlab.planner.plan('llama3-70b', 4, 80, 'nvlink-h100', 'inference')[0].degrees)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "(4, 1, 1)"
+    out = import_without_torch(
+        "shardlab.planner, shardlab.drills",
+        "shardlab.planner.plan('llama3-70b', 4, 80, 'nvlink-h100', 'inference')[0].degrees")
+    assert out == "(4, 1, 1)"
 
 
 # ---------------------------------------------------------------------------- drills helper

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from itertools import combinations
 
+from ._presets import lookup
+
 __all__ = [
     "GB",
     "gbit_per_s",
@@ -100,11 +102,7 @@ LINKS: dict[str, LinkSpec] = {
 
 def get_link(link: str | LinkSpec) -> LinkSpec:
     """Return ``link`` if it is a :class:`LinkSpec`, else the :data:`LINKS` preset of that key."""
-    if isinstance(link, LinkSpec):
-        return link
-    if isinstance(link, str) and link in LINKS:
-        return LINKS[link]
-    raise ValueError(f"unknown link {link!r}; use a LinkSpec or one of: {', '.join(LINKS)}")
+    return lookup(link, LINKS, LinkSpec, "link")
 
 
 def nvlink_bandwidth(label: str, per_link: float = NVLINK_LINK_BANDWIDTH) -> float:
@@ -152,11 +150,7 @@ GPUS: dict[str, GPUSpec] = {
 
 def get_gpu(gpu: str | GPUSpec) -> GPUSpec:
     """Return ``gpu`` if it is a :class:`GPUSpec`, else the :data:`GPUS` preset of that key."""
-    if isinstance(gpu, GPUSpec):
-        return gpu
-    if isinstance(gpu, str) and gpu in GPUS:
-        return GPUS[gpu]
-    raise ValueError(f"unknown GPU {gpu!r}; use a GPUSpec or one of: {', '.join(GPUS)}")
+    return lookup(gpu, GPUS, GPUSpec, "GPU")
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ._presets import lookup
+
 __all__ = [
     "ModelSpec",
     "MODELS",
@@ -124,11 +126,7 @@ MODELS: dict[str, ModelSpec] = {
 
 def get_model(model: str | ModelSpec) -> ModelSpec:
     """Return ``model`` itself if it is a spec, else look the key up in :data:`MODELS`."""
-    if isinstance(model, ModelSpec):
-        return model
-    if isinstance(model, str) and model in MODELS:
-        return MODELS[model]
-    raise ValueError(f"unknown model {model!r}; use a ModelSpec or one of: {', '.join(MODELS)}")
+    return lookup(model, MODELS, ModelSpec, "model")
 
 
 # --------------------------------------------------------------------------------------------
