@@ -11,6 +11,7 @@
 # next one runs. The full console output goes to $OUT/run_gpu.log (one file beside the JSON:
 # a lent device machine returns at most 8 files).
 #
+# RUN_GPU_STEPS picks and orders the steps (for example RUN_GPU_STEPS="tp_layer overlap").
 # BENCH_ARGS is appended to every benchmark's command: BENCH_ARGS=--cpu runs the whole
 # sequence on mock devices in about a minute, to check the script itself without GPUs.
 set -u -o pipefail
@@ -25,8 +26,6 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BUDGET="${RUN_GPU_BUDGET_S:-510}"
 LOG="$OUT/run_gpu.log"
-: >"$LOG"
-exec > >(tee -a "$LOG") 2>&1
 
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
@@ -43,6 +42,21 @@ STEPS=(
   "alltoall 60"
 )
 RESERVE=25
+# RUN_GPU_STEPS="tp_layer overlap" runs only those steps, in that order (names as above).
+if [[ -n ${RUN_GPU_STEPS:-} ]]; then
+  CHOSEN=()
+  for want in $RUN_GPU_STEPS; do
+    found=
+    for step in "${STEPS[@]}"; do
+      [[ ${step%% *} == "$want" ]] && CHOSEN+=("$step") && found=1
+    done
+    [[ -n $found ]] || { echo "run_gpu.sh: unknown step '$want' in RUN_GPU_STEPS" >&2; exit 2; }
+  done
+  STEPS=("${CHOSEN[@]}")
+fi
+
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
 
 echo "== run_gpu.sh $(date -u +%FT%TZ): OUT=$OUT budget=${BUDGET}s"
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader || true

@@ -116,6 +116,28 @@ def test_fit_is_non_negative():
     assert ab.alpha >= 0 and ab.beta >= 0
 
 
+def test_minimax_fit_recovers_exact_data_and_minimises_the_worst_error():
+    alpha, bw, p = 7e-6, 200 * GB, 8
+    sizes = np.logspace(3, 9, 13)
+    truth = CollectiveModel("truth", fallback=LinkSpec("truth", bw, alpha))
+    times = collective_time("allreduce", sizes, p, truth)
+    ab = fit_alpha_beta(sizes, times, p, objective="minimax").alpha_beta("allreduce")
+    assert ab.alpha == pytest.approx(alpha, rel=1e-3)
+    assert ab.bandwidth == pytest.approx(bw, rel=1e-3)
+    # Noisy, size-dependent data: minimax has the smallest worst error of the three fits,
+    # and that error is the best achievable (an equioscillating +/- e fit).
+    rng = np.random.default_rng(1)
+    noisy = times * (1 + 0.3 * rng.uniform(-1, 1, sizes.size))
+    worst = {obj: float(np.max(relative_error(
+        fit_alpha_beta(sizes, noisy, p, objective=obj).predict(sizes), noisy)))
+        for obj in ("relative", "absolute", "minimax")}
+    assert worst["minimax"] <= min(worst["relative"], worst["absolute"]) + 1e-9
+    errors = fit_alpha_beta(sizes, noisy, p, objective="minimax").predict(sizes) / noisy - 1
+    assert np.sum(np.isclose(np.abs(errors), worst["minimax"], rtol=1e-3)) >= 3
+    with pytest.raises(ValueError, match="unknown objective 'l1'"):
+        fit_alpha_beta(sizes, times, p, objective="l1")
+
+
 def test_fit_bad_inputs():
     with pytest.raises(ValueError, match="at least 2"):
         fit_alpha_beta([1e3], [1e-5], 2)

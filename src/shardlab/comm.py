@@ -82,7 +82,11 @@ def _fmt_bytes(n: float) -> str:
 
 
 _recorders: list[list[CommRecord]] = []
-_in_flight: CommRecord | None = None
+# While a collective runs: (op, group, nbytes, sent, tensor, p, index). A plain tuple, turned
+# into a CommRecord only when someone asks (a recorder, a hang diagnosis): building the record
+# on every call (group name, dtype string, byte model) costs microseconds, which at small
+# sizes is a visible share of the collective itself (benchmarks/collectives.py measures it).
+_in_flight: tuple | None = None
 _completed = 0
 _group_names: dict[int, str] = {}
 
@@ -109,9 +113,25 @@ def summary(log: Sequence[CommRecord]) -> dict[str, dict[str, int]]:
     return dict(out)
 
 
+def _make_record(pending: tuple) -> CommRecord:
+    op, group, nbytes, sent, t, p, index = pending
+    if p is None:  # point-to-point calls skip the group-size lookup
+        p = group_size(group)
+    if isinstance(sent, str):  # a collective's name: the ring byte model of shardlab.cost
+        sent = cost.bytes_sent(sent, nbytes, p)
+    return CommRecord(index, op, group_name(group), p, int(nbytes), int(round(sent)),
+                      tuple(t.shape), str(t.dtype).replace("torch.", ""))
+
+
+def in_flight_record() -> CommRecord | None:
+    """The collective this rank is inside right now, as a CommRecord (or None)."""
+    return _make_record(_in_flight) if _in_flight is not None else None
+
+
 def in_flight() -> dict | None:
     """The collective this rank is inside right now (used to diagnose hangs)."""
-    return dataclasses.asdict(_in_flight) if _in_flight is not None else None
+    rec = in_flight_record()
+    return dataclasses.asdict(rec) if rec is not None else None
 
 
 def completed_count() -> int:
@@ -123,17 +143,24 @@ def reset_counters() -> None:
     _completed, _in_flight = 0, None
 
 
-@contextlib.contextmanager
-def _logged(op: str, group, nbytes: int, sent: float, t: torch.Tensor):
+def _begin(op: str, group, nbytes: int, sent, t: torch.Tensor, p: int | None) -> None:
+    """Mark a collective as in flight. `sent` is bytes, or a collective name for cost's model.
+
+    No try/finally around the call: a collective that raises stays "in flight", which is
+    what a diagnosis of the failure wants to see; the next call overwrites it.
+    """
+    global _in_flight
+    _in_flight = (op, group, nbytes, sent, t, p, _completed + 1)
+
+
+def _end() -> None:
     global _in_flight, _completed
-    rec = CommRecord(_completed + 1, op, group_name(group), group_size(group), int(nbytes),
-                     int(round(sent)), tuple(t.shape), str(t.dtype).replace("torch.", ""))
-    _in_flight = rec
-    yield
-    _in_flight = None
+    pending, _in_flight = _in_flight, None
     _completed += 1
-    for log in _recorders:
-        log.append(rec)
+    if _recorders:
+        rec = _make_record(pending)
+        for log in _recorders:
+            log.append(rec)
 
 
 # --------------------------------------------------------------------------- groups
@@ -175,39 +202,45 @@ def _op(op: str):
 
 def all_reduce(x: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     """Reduce `x` over the group, in place; every rank ends with the result. Returns `x`."""
-    p = group_size(group)
-    with _logged("all_reduce", group, _nbytes(x), cost.allreduce_bytes(_nbytes(x), p), x):
-        if p > 1:
-            dist.all_reduce(x, op=_op(op), group=group)
+    p = dist.get_world_size(group)
+    _begin("all_reduce", group, x.numel() * x.element_size(), "allreduce", x, p)
+    if p > 1:
+        dist.all_reduce(x, op=_op(op), group=group)
+    _end()
     return x
 
 
 def all_gather(x: torch.Tensor, dim: int = 0, group=None) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim`, in rank order (a new tensor)."""
-    p = group_size(group)
-    full = _nbytes(x) * p
-    with _logged("all_gather", group, full, cost.allgather_bytes(full, p), x):
-        if p == 1:
-            return x.clone()
-        x0 = x.movedim(dim, 0).contiguous()
+    p = dist.get_world_size(group)
+    _begin("all_gather", group, _nbytes(x) * p, "allgather", x, p)
+    if p == 1:
+        out = x.clone()
+    else:
+        x0 = x.movedim(dim, 0).contiguous() if dim else x.contiguous()
         out = torch.empty((p * x0.shape[0], *x0.shape[1:]), dtype=x.dtype, device=x.device)
         _all_gather_single(out, x0, group=group)
-    return out.movedim(0, dim)
+        out = out.movedim(0, dim) if dim else out
+    _end()
+    return out
 
 
 def reduce_scatter(x: torch.Tensor, dim: int = 0, op: str = "sum", group=None) -> torch.Tensor:
     """Reduce `x` over the group and give rank r the r-th of p equal slices along `dim`."""
-    p = group_size(group)
+    p = dist.get_world_size(group)
     if x.shape[dim] % p:
         raise ValueError(f"reduce_scatter: dim {dim} has size {x.shape[dim]}, not divisible by "
                          f"the group size {p}; pad it or choose another dim")
-    with _logged("reduce_scatter", group, _nbytes(x), cost.reduce_scatter_bytes(_nbytes(x), p), x):
-        if p == 1:
-            return x.clone()
-        x0 = x.movedim(dim, 0).contiguous()
+    _begin("reduce_scatter", group, _nbytes(x), "reduce_scatter", x, p)
+    if p == 1:
+        out = x.clone()
+    else:
+        x0 = x.movedim(dim, 0).contiguous() if dim else x.contiguous()
         out = torch.empty((x0.shape[0] // p, *x0.shape[1:]), dtype=x.dtype, device=x.device)
         _reduce_scatter_single(out, x0, op=_op(op), group=group)
-    return out.movedim(0, dim)
+        out = out.movedim(0, dim) if dim else out
+    _end()
+    return out
 
 
 def exchange_counts(input_split_sizes: Sequence[int], group=None) -> list[int]:
@@ -218,12 +251,12 @@ def exchange_counts(input_split_sizes: Sequence[int], group=None) -> list[int]:
     dev = _device_for(group)
     send_counts = torch.tensor(list(input_split_sizes), dtype=torch.int64, device=dev)
     recv_counts = torch.empty_like(send_counts)
-    sent = _nbytes(send_counts) * (p - 1) / p
-    with _logged("all_to_all", group, _nbytes(send_counts), sent, send_counts):
-        if p == 1:
-            recv_counts.copy_(send_counts)
-        else:
-            dist.all_to_all_single(recv_counts, send_counts, group=group)
+    _begin("all_to_all", group, _nbytes(send_counts), "alltoall", send_counts, p)
+    if p == 1:
+        recv_counts.copy_(send_counts)
+    else:
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+    _end()
     return [int(c) for c in recv_counts.tolist()]
 
 
@@ -251,55 +284,64 @@ def all_to_all(x: torch.Tensor, input_split_sizes: Sequence[int] | None = None,
     me = group_rank(group)
     sent = (sum(input_split_sizes) - input_split_sizes[me]) * row
     out = torch.empty((sum(output_split_sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    with _logged("all_to_all", group, _nbytes(x), sent, x):
-        if p == 1:
-            out.copy_(x)
-        else:
-            dist.all_to_all_single(out, x.contiguous(), output_split_sizes, input_split_sizes,
-                                   group=group)
+    _begin("all_to_all", group, _nbytes(x), sent, x, p)
+    if p == 1:
+        out.copy_(x)
+    else:
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes, input_split_sizes,
+                               group=group)
+    _end()
     return out
 
 
 def broadcast(x: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     """Copy `x` from global rank `src` to every rank of the group, in place."""
     p = group_size(group)
-    sent = _nbytes(x) if dist.get_rank() == src else 0
-    with _logged("broadcast", group, _nbytes(x), sent, x):
-        if p > 1:
-            dist.broadcast(x, src=src, group=group)
+    _begin("broadcast", group, _nbytes(x), _nbytes(x) if dist.get_rank() == src else 0, x, p)
+    if p > 1:
+        dist.broadcast(x, src=src, group=group)
+    _end()
     return x
 
 
 def send(x: torch.Tensor, dst: int, group=None) -> None:
     """Blocking point-to-point send to global rank `dst`."""
-    with _logged("send", group, _nbytes(x), _nbytes(x), x):
-        dist.send(x.contiguous(), dst=dst, group=group)
+    _begin("send", group, _nbytes(x), "p2p", x, None)
+    dist.send(x.contiguous(), dst=dst, group=group)
+    _end()
 
 
 def recv(x: torch.Tensor, src: int, group=None) -> torch.Tensor:
     """Blocking receive from global rank `src` into `x`; returns `x`."""
-    with _logged("recv", group, _nbytes(x), 0, x):
-        dist.recv(x, src=src, group=group)
+    _begin("recv", group, _nbytes(x), 0, x, None)
+    dist.recv(x, src=src, group=group)
+    _end()
     return x
 
 
 def isend(x: torch.Tensor, dst: int, group=None):
     """Non-blocking send; returns the work handle (call `.wait()`)."""
-    with _logged("isend", group, _nbytes(x), _nbytes(x), x):
-        return dist.isend(x.contiguous(), dst=dst, group=group)
+    _begin("isend", group, _nbytes(x), "p2p", x, None)
+    work = dist.isend(x.contiguous(), dst=dst, group=group)
+    _end()
+    return work
 
 
 def irecv(x: torch.Tensor, src: int, group=None):
     """Non-blocking receive into `x`; returns the work handle."""
-    with _logged("irecv", group, _nbytes(x), 0, x):
-        return dist.irecv(x, src=src, group=group)
+    _begin("irecv", group, _nbytes(x), 0, x, None)
+    work = dist.irecv(x, src=src, group=group)
+    _end()
+    return work
 
 
 def barrier(group=None) -> None:
     t = torch.zeros(1, device=_device_for(group))
-    with _logged("barrier", group, 0, 0, t):
-        if group_size(group) > 1:
-            dist.all_reduce(t, group=group)  # a barrier that also works on NCCL without device_ids
+    p = group_size(group)
+    _begin("barrier", group, 0, 0, t, p)
+    if p > 1:
+        dist.all_reduce(t, group=group)  # a barrier that also works on NCCL without device_ids
+    _end()
 
 
 def _device_for(group) -> torch.device:

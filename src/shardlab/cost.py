@@ -133,6 +133,14 @@ def p2p_bytes(nbytes: float) -> float:
     return _byte_factor("p2p", 1) * _check_nbytes(nbytes)
 
 
+def bytes_sent(collective: str, nbytes: float, p: int) -> float:
+    """Bytes each rank sends in `collective` ("allreduce", "allgather", ...) of ``nbytes``."""
+    if collective == "p2p":
+        return p2p_bytes(nbytes)
+    _check_collective(collective)
+    return _byte_factor(collective, _check_p(p)) * _check_nbytes(nbytes)
+
+
 def bus_bandwidth(nbytes: float, seconds: float, p: int, collective: str = "allreduce") -> float:
     """NCCL-tests "bus bandwidth" of a timed collective: the bytes each rank actually moved
     per second (algorithm bandwidth nbytes/seconds times the collective's byte factor),
@@ -214,17 +222,29 @@ def _link_name(link) -> str:
     return link.name if isinstance(link, (LinkSpec, CollectiveModel)) else str(link)
 
 
+FIT_OBJECTIVES = ("relative", "absolute", "minimax")
+
+
 def fit_alpha_beta(sizes, times, p: int, collective: str = "allreduce", *,
-                   relative: bool = True, name: str = "fitted", source: str = "",
-                   fallback: LinkSpec | str | None = None) -> CollectiveModel:
+                   relative: bool = True, objective: str | None = None, name: str = "fitted",
+                   source: str = "", fallback: LinkSpec | str | None = None) -> CollectiveModel:
     """Fit ``alpha`` (per step) and bandwidth to measured ``times`` (s) of ``sizes`` (bytes).
 
-    Least squares on ``time = steps(p) * alpha + factor(p) * size / B``, with both terms
-    constrained non-negative. ``relative=True`` weights each point by 1/time, i.e. minimises
-    relative errors, so microsecond and second-long points count alike.
+    The model is ``time = steps(p) * alpha + factor(p) * size / B`` with both terms
+    non-negative. ``objective`` says what "best" means:
+
+    * ``"relative"`` (the default; also ``relative=True``): least squares on relative
+      errors, so microsecond and second-long points count alike;
+    * ``"absolute"`` (``relative=False``): least squares on seconds, dominated by the
+      largest sizes;
+    * ``"minimax"``: the smallest worst-case relative error over all points, the right
+      criterion for a claim such as "within 25% at every size".
     """
     _check_collective(collective)
     p = _check_p(p)
+    objective = objective or ("relative" if relative else "absolute")
+    if objective not in FIT_OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; use one of {', '.join(FIT_OBJECTIVES)}")
     if collective != "p2p" and p < 2:
         raise ValueError("fit at p >= 2 ranks: a collective over one rank takes no time")
     x = np.asarray(sizes, dtype=float).ravel()
@@ -235,6 +255,16 @@ def fit_alpha_beta(sizes, times, p: int, collective: str = "allreduce", *,
         raise ValueError("times must be > 0 seconds and sizes >= 0 bytes")
     design = np.column_stack([np.full_like(x, collective_steps(collective, p)),
                               _byte_factor(collective, p) * x])
+    if objective == "minimax":
+        alpha, beta = _minimax_relative(design, y)
+    else:
+        alpha, beta = _least_squares(design, y, objective == "relative")
+    fit = AlphaBeta(alpha, math.inf if beta == 0 else 1.0 / beta, p)
+    fb = get_link(fallback) if fallback is not None else None
+    return CollectiveModel(name, {collective: fit}, fb, source)
+
+
+def _least_squares(design: np.ndarray, y: np.ndarray, relative: bool) -> tuple[float, float]:
     w = 1.0 / y if relative else np.ones_like(y)
     a, b = design * w[:, None], y * w
 
@@ -247,10 +277,40 @@ def fit_alpha_beta(sizes, times, p: int, collective: str = "allreduce", *,
     if np.any(coef < 0):  # two unknowns: the non-negative optimum has one of them at 0
         candidates = [np.clip(solve([k]), 0, None) for k in (0, 1)]
         coef = min(candidates, key=lambda c: float(np.sum((a @ c - b) ** 2)))
-    alpha, beta = float(coef[0]), float(coef[1])
-    fit = AlphaBeta(alpha, math.inf if beta == 0 else 1.0 / beta, p)
-    fb = get_link(fallback) if fallback is not None else None
-    return CollectiveModel(name, {collective: fit}, fb, source)
+    return float(coef[0]), float(coef[1])
+
+
+def _ternary_min(f, lo: float, hi: float, iters: int = 100) -> tuple[float, float]:
+    """Minimum of a convex function on [lo, hi]: (argmin, value)."""
+    for _ in range(iters):
+        m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        if f(m1) <= f(m2):
+            hi = m2
+        else:
+            lo = m1
+    x = (lo + hi) / 2
+    return x, f(x)
+
+
+def _minimax_relative(design: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Non-negative (alpha, beta) minimising max_i |design_i . (alpha, beta) / y_i - 1|.
+
+    Each |relative error| is convex in (alpha, beta), so their maximum is, and so is its
+    minimum over beta as a function of alpha: two nested ternary searches find the optimum
+    (no LP solver needed for two unknowns).
+    """
+    c, d = design[:, 0] / y, design[:, 1] / y  # relative prediction per unit alpha, beta
+    a_hi = 1.0 / c.max() * 2 if c.max() > 0 else 0.0
+    b_hi = 2.0 / d[d > 0].min() if np.any(d > 0) else 0.0
+
+    def worst(alpha: float, beta: float) -> float:
+        return float(np.max(np.abs(c * alpha + d * beta - 1.0)))
+
+    def best_beta(alpha: float) -> tuple[float, float]:
+        return _ternary_min(lambda b: worst(alpha, b), 0.0, b_hi)
+
+    alpha, _ = _ternary_min(lambda a: best_beta(a)[1], 0.0, a_hi)
+    return alpha, best_beta(alpha)[0]
 
 
 def relative_error(predicted, measured):

@@ -327,9 +327,11 @@ def _a2a_single(call: dict, a: dict) -> None:
 
 def _from_comm(call: dict) -> None:
     """Inside a shardlab.comm collective, use comm's name for the op and its payload bytes."""
-    rec = _comm._in_flight  # set by comm for exactly the duration of its collective
-    if rec is not None and call["op"] not in _GROUP_MAKERS:
-        call["op"], call["group"], call["nbytes"], call["via"] = rec.op, rec.group, rec.nbytes, "shardlab.comm"
+    pending = _comm._in_flight  # set by comm for exactly the duration of its collective
+    if pending is not None and call["op"] not in _GROUP_MAKERS:
+        op, group, nbytes = pending[:3]
+        call["op"], call["group"], call["nbytes"], call["via"] = (
+            op, _comm.group_name(group), nbytes, "shardlab.comm")
 
 
 def _shim(op: str, original, names: tuple):

@@ -209,11 +209,14 @@ def _world(result: dict) -> int:
 
 
 def calibrated_model(result: dict, dtype: str | None = None, impl: str = "shardlab",
-                     relative: bool = True) -> cost.CollectiveModel:
+                     objective: str = "minimax") -> cost.CollectiveModel:
     """A `cost.CollectiveModel` with alpha and B fitted per collective on the stored times.
 
     Refitted from the raw measurements (not from stored parameters), so the calibration is
     reproducible from the data. Collectives that were not measured fall back to the preset.
+    The default objective, "minimax", gives the alpha and B whose worst relative error over
+    all sizes is smallest: the fit that a goal like "within 25% at every size" asks for, and
+    the best any alpha-beta model can do on these times (see `cost.fit_alpha_beta`).
     """
     dtype = dtype or _default_dtype(result)
     p = _world(result)
@@ -222,7 +225,7 @@ def calibrated_model(result: dict, dtype: str | None = None, impl: str = "shardl
         if not _measurements(result, op, dtype):
             continue
         sizes, times = measured_curve(result, op, dtype, impl)
-        fit = cost.fit_alpha_beta(sizes, times, p, collective, relative=relative,
+        fit = cost.fit_alpha_beta(sizes, times, p, collective, objective=objective,
                                   name=f"calibrated ({dtype})", source=provenance_line(result),
                                   fallback=preset_link(result))
         model = fit if model is None else model.merged(fit)
