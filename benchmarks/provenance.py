@@ -39,7 +39,7 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 # Environment variables worth recording: they change what NCCL does.
 _ENV_RECORDED = ("NCCL_ALGO", "NCCL_PROTO", "NCCL_MAX_NCHANNELS", "NCCL_MIN_NCHANNELS",
                  "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_IB_DISABLE",
-                 "CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_AVOID_RECORD_STREAMS")
+                 "CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_AVOID_RECORD_STREAMS", "SHARDLAB_TRACE")
 
 PROVENANCE_KEYS = ("gpu", "gpu_count", "gpus", "topology", "link", "driver", "cuda", "nccl",
                    "torch", "python", "date", "backend", "world_size", "device_kind")
@@ -49,6 +49,10 @@ def setup_environment() -> None:
     """Set the multicast-off variables (unless already set) and make `src/` importable."""
     for key, value in MULTICAST_OFF.items():
         os.environ.setdefault(key, value)
+    # The hang tracer (shardlab.diagnose) wraps every torch.distributed call with Python
+    # bookkeeping: right for a notebook, but it would be timed here. SHARDLAB_TRACE=1 measures
+    # with it on.
+    os.environ.setdefault("SHARDLAB_TRACE", "0")
     src = str(ROOT / "src")
     if src not in sys.path:
         sys.path.insert(0, src)

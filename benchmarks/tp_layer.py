@@ -423,7 +423,9 @@ def _shared_randn(*size, dev, dtype):
     import torch
     import torch.distributed as dist
 
-    x = torch.randn(*size, device=dev, dtype=torch.float32).to(dtype)
+    # Drawn by the CPU generator: a failed CUDA-graph capture can leave the CUDA generator
+    # in capture mode, and every later torch.randn on the GPU would then raise.
+    x = torch.randn(*size, dtype=torch.float32).to(device=dev, dtype=dtype)
     dist.broadcast(x, src=0)
     return x
 
@@ -437,65 +439,83 @@ def _decode(cfg, shape, layers, dev, dtype, p, out, phase, cuda):
 
     import shardlab
 
-    rank, ctx, hd, kvh = shardlab.rank(), cfg["context"], shape.head_dim, shape.kv_heads
-    pos, n_layers = ctx, cfg["graph_layers"]
-    cos, sin = rope_tables(torch.tensor([pos], device=dev), hd, shape.rope_theta, dtype)
+    rank = shardlab.rank()
+    cos, sin = rope_tables(torch.tensor([cfg["context"]], device=dev), shape.head_dim,
+                           shape.rope_theta, dtype)
     if not cuda:
         out["skipped"].append({"phase": phase, "variants": ["tp1-graph", "shardlab-graph"]
                                if phase == "decode" else ["dtensor-graph"],
                                "why": "CUDA graphs need a GPU"})
     for b in cfg["decode_batches"]:
-        # The cache holds `ctx` earlier positions and this token's slot; TP ranks hold their
-        # own KV heads' slice of the same cache.
-        k_full = _shared_randn(b, kvh, ctx + 1, hd, dev=dev, dtype=dtype)
-        v_full = _shared_randn(b, kvh, ctx + 1, hd, dev=dev, dtype=dtype)
-        local = slice(rank * kvh // p, (rank + 1) * kvh // p)
-        caches = {1: (k_full, v_full), p: (k_full[:, local].clone(), v_full[:, local].clone())}
-        x = _shared_randn(b, 1, shape.hidden, dev=dev, dtype=dtype)
-
-        def chain(layer, cache, x_in=x):
-            y = x_in
-            for _ in range(n_layers):
-                y = layer(y, cos, sin, cache, pos)
-            return y
-
-        variants, names = {}, []
-        if phase == "decode":
-            names = ["tp1", "shardlab", "dtensor"] + (["tp1-graph", "shardlab-graph"] if cuda else [])
-        elif cuda:
-            names = ["dtensor-graph"]
-        ref_y = chain(layers["tp1"], caches[1])
-        for name in names:
-            base = name.removesuffix("-graph")
-            layer, cache = layers[base], caches[_tp_of(name, p)]
-            try:
-                if name.endswith("-graph"):
-                    static_x = x.clone()
-                    graph, y_static = _capture(lambda l=layer, c=cache, s=static_x: chain(l, c, s), dev)
-                    fresh = _shared_randn(b, 1, shape.hidden, dev=dev, dtype=dtype)
-                    static_x.copy_(fresh)
-                    y_static.fill_(float("nan"))  # poison: the replay must rewrite it
-                    graph.replay()
-                    err = _rel_err(y_static, chain(layers["tp1"], caches[1], fresh), fresh)
-                    static_x.copy_(x)
-                    variants[name] = graph.replay
-                else:
-                    err = _rel_err(chain(layer, cache), ref_y, x)
-                    variants[name] = (lambda l=layer, c=cache: chain(l, c))
-                out["checks"].append({"phase": "decode", "batch": b, "variant": name, "rel_err": err,
-                                      "ok": err <= cfg["check_tolerance"]})
-            except Exception as e:  # noqa: BLE001 - report it and time the others
-                out["checks"].append({"phase": "decode", "batch": b, "variant": name,
-                                      "error": f"{type(e).__name__}: {e}"[:2000], "ok": False})
-        times = _interleaved(variants, cfg["decode_iters"], cfg["repeats"], cfg["warmup"], dev)
-        for name, reps in times.items():
-            out["measurements"].append({
-                "phase": "decode", "batch": b, "tokens": 1, "context": ctx, "variant": name,
-                "tp": _tp_of(name, p), "layers_per_call": n_layers,
-                "repeats_s": [t / n_layers for t in reps]})
-        del variants, caches, k_full, v_full
+        try:
+            _decode_batch(cfg, shape, layers, dev, dtype, p, out, phase, cuda, b, cos, sin)
+        except Exception as e:  # noqa: BLE001 - keep the other batches' numbers
+            msg = f"{type(e).__name__}: {e}"[:2000]
+            out["checks"].append({"phase": phase, "batch": b, "error": msg, "ok": False})
+            print(f"[tp_layer] rank {rank} {phase} batch {b} failed: {msg}", file=sys.stderr, flush=True)
         if cuda:
             torch.cuda.empty_cache()
+
+
+def _decode_batch(cfg, shape, layers, dev, dtype, p, out, phase, cuda, b, cos, sin):
+    import torch
+
+    import shardlab
+
+    rank, ctx, hd, kvh = shardlab.rank(), cfg["context"], shape.head_dim, shape.kv_heads
+    pos, n_layers = ctx, cfg["graph_layers"]
+    # The cache holds `ctx` earlier positions and this token's slot; TP ranks hold their
+    # own KV heads' slice of the same cache.
+    k_full = _shared_randn(b, kvh, ctx + 1, hd, dev=dev, dtype=dtype)
+    v_full = _shared_randn(b, kvh, ctx + 1, hd, dev=dev, dtype=dtype)
+    local = slice(rank * kvh // p, (rank + 1) * kvh // p)
+    caches = {1: (k_full, v_full), p: (k_full[:, local].clone(), v_full[:, local].clone())}
+    x = _shared_randn(b, 1, shape.hidden, dev=dev, dtype=dtype)
+
+    def chain(layer, cache, x_in=x):
+        y = x_in
+        for _ in range(n_layers):
+            y = layer(y, cos, sin, cache, pos)
+        return y
+
+    variants, names = {}, []
+    if phase == "decode":
+        names = ["tp1", "shardlab", "dtensor"] + (["tp1-graph", "shardlab-graph"] if cuda else [])
+    elif cuda:
+        names = ["dtensor-graph"]
+    ref_y = chain(layers["tp1"], caches[1])
+    for name in names:
+        base = name.removesuffix("-graph")
+        layer, cache = layers[base], caches[_tp_of(name, p)]
+        try:
+            if name.endswith("-graph"):
+                static_x = x.clone()
+                graph, y_static = _capture(lambda l=layer, c=cache, s=static_x: chain(l, c, s), dev)
+                fresh = _shared_randn(b, 1, shape.hidden, dev=dev, dtype=dtype)
+                static_x.copy_(fresh)
+                y_static.fill_(float("nan"))  # poison: the replay must rewrite it
+                graph.replay()
+                err = _rel_err(y_static, chain(layers["tp1"], caches[1], fresh), fresh)
+                static_x.copy_(x)
+                variants[name] = graph.replay
+            else:
+                err = _rel_err(chain(layer, cache), ref_y, x)
+                variants[name] = (lambda l=layer, c=cache: chain(l, c))
+            out["checks"].append({"phase": "decode", "batch": b, "variant": name, "rel_err": err,
+                                  "ok": err <= cfg["check_tolerance"]})
+        except Exception as e:  # noqa: BLE001 - report it and time the others
+            msg = f"{type(e).__name__}: {e}"[:2000]
+            out["checks"].append({"phase": "decode", "batch": b, "variant": name,
+                                  "error": msg, "ok": False})
+            print(f"[tp_layer] rank {rank} decode b={b} {name} failed: {msg}",
+                  file=sys.stderr, flush=True)
+    times = _interleaved(variants, cfg["decode_iters"], cfg["repeats"], cfg["warmup"], dev)
+    for name, reps in times.items():
+        out["measurements"].append({
+            "phase": "decode", "batch": b, "tokens": 1, "context": ctx, "variant": name,
+            "tp": _tp_of(name, p), "layers_per_call": n_layers,
+            "repeats_s": [t / n_layers for t in reps]})
+    del variants, caches, k_full, v_full
 
 
 def _prefill(cfg, shape, layers, dev, dtype, p, out):
