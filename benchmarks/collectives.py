@@ -95,7 +95,8 @@ class _Calls:
     """Preallocated buffers and the two ways to run one collective on them.
 
     `raw` is the plainest torch.distributed call on preallocated buffers (what nccl-tests
-    does); `shardlab` is the call a course notebook makes through `shardlab.comm`.
+    does); `shardlab` is the same call through `shardlab.comm`, on the same buffers (its
+    `out=`), so that the difference is the wrapper alone.
     """
 
     def __init__(self, op: str, nbytes: int, dtype, dev, rank: int, p: int):
@@ -118,20 +119,17 @@ class _Calls:
         elif op == "all_gather":
             x, out = torch.empty(n // p, **new), torch.empty(n, **new)
             self.buffers = [x]
-            self.shardlab = lambda: comm.all_gather(x)
+            self.shardlab = lambda: comm.all_gather(x, out=out)
             self.raw = lambda: all_gather_single(out, x)
         elif op == "reduce_scatter":
             x, out = torch.empty(n, **new), torch.empty(n // p, **new)
             self.buffers = [x]
-            self.shardlab = lambda: comm.reduce_scatter(x)
+            self.shardlab = lambda: comm.reduce_scatter(x, out=out)
             self.raw = lambda: reduce_scatter_single(out, x)
         elif op == "all_to_all":
             x, out = torch.empty(n, **new), torch.empty(n, **new)
-            splits = [n // p] * p
             self.buffers = [x]
-            # Split sizes passed explicitly: comm.all_to_all(x) alone would first exchange
-            # counts (a second all-to-all and a device sync) even for equal splits.
-            self.shardlab = lambda: comm.all_to_all(x, splits, splits)
+            self.shardlab = lambda: comm.all_to_all(x, out=out)  # equal splits
             self.raw = lambda: dist.all_to_all_single(out, x)
         elif op == "send_recv":
             if p % 2:
@@ -201,8 +199,7 @@ def rank_check(op: str, nbytes: int, dtype_name: str, seed: int = 1234) -> dict:
         reduce_scatter_single(b, mine.clone())
     elif op == "all_to_all":
         expected = torch.cat([x.float().chunk(p)[r] for x in xs])
-        splits = [n // p] * p
-        a = comm.all_to_all(mine.clone(), splits, splits)
+        a = comm.all_to_all(mine.clone())
         b = poisoned(n)
         dist.all_to_all_single(b, mine.clone())
     elif op == "send_recv":

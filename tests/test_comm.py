@@ -65,6 +65,44 @@ def test_every_collective_is_logged_with_its_bytes(clusters):
     assert out[0]["values"][3] == (6, 4) and out[1]["values"][3] == (10, 4)
 
 
+def _equal_all_to_all_and_out_buffers():
+    import torch
+
+    import shardlab
+    from shardlab import comm
+
+    r, dev = shardlab.rank(), shardlab.device()
+    x = torch.arange(8.0, device=dev).view(4, 2) + 100 * r
+    with comm.record() as log:
+        moved = comm.all_to_all(x)  # equal splits: no count exchange
+        buf = torch.full((8, 2), float("nan"), device=dev)
+        gathered = comm.all_gather(x, out=buf)
+        part = torch.empty(2, 2, device=dev)
+        scattered = comm.reduce_scatter(x, out=part)
+    try:
+        comm.all_gather(x, out=torch.empty(3, 2, device=dev))
+        bad = None
+    except ValueError as e:
+        bad = str(e)
+    return {"ops": [rec.op for rec in log], "moved": moved.cpu(), "same_buffers":
+            (gathered.data_ptr() == buf.data_ptr(), scattered.data_ptr() == part.data_ptr()),
+            "gathered": gathered.cpu(), "scattered": scattered.cpu(), "bad": bad}
+
+
+def test_equal_all_to_all_skips_the_count_exchange_and_out_buffers_are_filled(clusters):
+    import torch
+
+    out = clusters(2).run(_equal_all_to_all_and_out_buffers)
+    x = [torch.arange(8.0).view(4, 2) + 100 * r for r in range(2)]
+    for r, got in enumerate(out):
+        assert got["ops"] == ["all_to_all", "all_gather", "reduce_scatter"]
+        assert torch.equal(got["moved"], torch.cat([x[0].chunk(2)[r], x[1].chunk(2)[r]]))
+        assert got["same_buffers"] == (True, True)
+        assert torch.equal(got["gathered"], torch.cat(x))
+        assert torch.equal(got["scattered"], (x[0] + x[1]).chunk(2)[r])
+        assert "out must be a contiguous torch.float32 tensor of shape (8, 2)" in got["bad"]
+
+
 def test_bytes_sent_matches_the_ring_factors():
     assert cost.bytes_sent("allreduce", 1000, 4) == cost.allreduce_bytes(1000, 4) == 1500
     assert cost.bytes_sent("p2p", 1000, 2) == 1000

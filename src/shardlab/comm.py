@@ -210,37 +210,57 @@ def all_reduce(x: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     return x
 
 
-def all_gather(x: torch.Tensor, dim: int = 0, group=None) -> torch.Tensor:
-    """Concatenate every rank's `x` along `dim`, in rank order (a new tensor)."""
-    p = dist.get_world_size(group)
-    _begin("all_gather", group, _nbytes(x) * p, "allgather", x, p)
-    if p == 1:
-        out = x.clone()
-    else:
-        x0 = x.movedim(dim, 0).contiguous() if dim else x.contiguous()
-        out = torch.empty((p * x0.shape[0], *x0.shape[1:]), dtype=x.dtype, device=x.device)
-        _all_gather_single(out, x0, group=group)
-        out = out.movedim(0, dim) if dim else out
-    _end()
+def _output(out: torch.Tensor | None, shape: tuple, like: torch.Tensor, op: str) -> torch.Tensor:
+    """The caller's preallocated `out` (checked), or a new tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be a contiguous {like.dtype} tensor of shape "
+                         f"{tuple(shape)}, got {out.dtype} {tuple(out.shape)}")
     return out
 
 
-def reduce_scatter(x: torch.Tensor, dim: int = 0, op: str = "sum", group=None) -> torch.Tensor:
-    """Reduce `x` over the group and give rank r the r-th of p equal slices along `dim`."""
+def all_gather(x: torch.Tensor, dim: int = 0, group=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim`, in rank order.
+
+    Returns a new tensor, or fills `out` (dim 0 only: a reused buffer saves an allocation
+    per call, as in a training loop that gathers the same shapes every step).
+    """
+    p = dist.get_world_size(group)
+    if out is not None and dim != 0:
+        raise ValueError("all_gather: out= works along dim 0; gather into a new tensor for other dims")
+    _begin("all_gather", group, _nbytes(x) * p, "allgather", x, p)
+    x0 = x.movedim(dim, 0).contiguous() if dim else x.contiguous()
+    res = _output(out, (p * x0.shape[0], *x0.shape[1:]), x, "all_gather")
+    if p == 1:
+        res.copy_(x0)
+    else:
+        _all_gather_single(res, x0, group=group)
+    _end()
+    return res.movedim(0, dim) if dim else res
+
+
+def reduce_scatter(x: torch.Tensor, dim: int = 0, op: str = "sum", group=None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce `x` over the group and give rank r the r-th of p equal slices along `dim`.
+
+    Returns a new tensor, or fills `out` (dim 0 only).
+    """
     p = dist.get_world_size(group)
     if x.shape[dim] % p:
         raise ValueError(f"reduce_scatter: dim {dim} has size {x.shape[dim]}, not divisible by "
                          f"the group size {p}; pad it or choose another dim")
+    if out is not None and dim != 0:
+        raise ValueError("reduce_scatter: out= works along dim 0; use a new tensor for other dims")
     _begin("reduce_scatter", group, _nbytes(x), "reduce_scatter", x, p)
+    x0 = x.movedim(dim, 0).contiguous() if dim else x.contiguous()
+    res = _output(out, (x0.shape[0] // p, *x0.shape[1:]), x, "reduce_scatter")
     if p == 1:
-        out = x.clone()
+        res.copy_(x0)
     else:
-        x0 = x.movedim(dim, 0).contiguous() if dim else x.contiguous()
-        out = torch.empty((x0.shape[0] // p, *x0.shape[1:]), dtype=x.dtype, device=x.device)
-        _reduce_scatter_single(out, x0, op=_op(op), group=group)
-        out = out.movedim(0, dim) if dim else out
+        _reduce_scatter_single(res, x0, op=_op(op), group=group)
     _end()
-    return out
+    return res.movedim(0, dim) if dim else res
 
 
 def exchange_counts(input_split_sizes: Sequence[int], group=None) -> list[int]:
@@ -261,37 +281,52 @@ def exchange_counts(input_split_sizes: Sequence[int], group=None) -> list[int]:
 
 
 def all_to_all(x: torch.Tensor, input_split_sizes: Sequence[int] | None = None,
-               output_split_sizes: Sequence[int] | None = None, group=None) -> torch.Tensor:
+               output_split_sizes: Sequence[int] | None = None, group=None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Send rows of `x` (dim 0) to every rank: `input_split_sizes[j]` rows go to rank j.
 
-    With equal splits, pass neither size list. With uneven splits and unknown output
-    sizes, the counts are exchanged first (a small all-to-all of its own, logged too).
+    With equal splits, pass neither size list: every rank then sends and receives
+    x.shape[0] / p rows per peer (all ranks' x must have the same shape), with no count
+    exchange. With uneven splits and unknown output sizes, the counts are exchanged first
+    (a small all-to-all of its own, logged too). `out` is an optional preallocated result.
     """
-    p = group_size(group)
+    p = dist.get_world_size(group)
+    rows = x.shape[0]
     if input_split_sizes is None:
-        if x.shape[0] % p:
-            raise ValueError(f"all_to_all: {x.shape[0]} rows do not split evenly over {p} ranks; "
+        if rows % p:
+            raise ValueError(f"all_to_all: {rows} rows do not split evenly over {p} ranks; "
                              "pass input_split_sizes")
-        input_split_sizes = [x.shape[0] // p] * p
+        if output_split_sizes is None:  # the common case, kept short: NCCL's equal-split path
+            res = _output(out, tuple(x.shape), x, "all_to_all")
+            _begin("all_to_all", group, _nbytes(x), "alltoall", x, p)
+            if p == 1:
+                res.copy_(x)
+            else:
+                dist.all_to_all_single(res, x.contiguous(), group=group)
+            _end()
+            return res
+        input_split_sizes = [rows // p] * p
     input_split_sizes = [int(s) for s in input_split_sizes]
-    if len(input_split_sizes) != p or sum(input_split_sizes) != x.shape[0] or min(input_split_sizes) < 0:
+    if len(input_split_sizes) != p or sum(input_split_sizes) != rows or min(input_split_sizes) < 0:
         raise ValueError(f"input_split_sizes {input_split_sizes} must have {p} non-negative "
-                         f"entries summing to the {x.shape[0]} rows of x")
+                         f"entries summing to the {rows} rows of x")
     if output_split_sizes is None:
         output_split_sizes = exchange_counts(input_split_sizes, group)
     output_split_sizes = [int(s) for s in output_split_sizes]
     row = math.prod(x.shape[1:]) * x.element_size()
     me = group_rank(group)
-    sent = (sum(input_split_sizes) - input_split_sizes[me]) * row
-    out = torch.empty((sum(output_split_sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _begin("all_to_all", group, _nbytes(x), sent, x, p)
+    res = _output(out, (sum(output_split_sizes), *x.shape[1:]), x, "all_to_all")
+    _begin("all_to_all", group, _nbytes(x), (rows - input_split_sizes[me]) * row, x, p)
     if p == 1:
-        out.copy_(x)
+        res.copy_(x)
+    elif (output_split_sizes == input_split_sizes
+          and input_split_sizes.count(input_split_sizes[0]) == p):
+        dist.all_to_all_single(res, x.contiguous(), group=group)  # NCCL's equal-split path
     else:
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes, input_split_sizes,
+        dist.all_to_all_single(res, x.contiguous(), output_split_sizes, input_split_sizes,
                                group=group)
     _end()
-    return out
+    return res
 
 
 def broadcast(x: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
