@@ -157,6 +157,10 @@ class _Tracer:
         self.write_box(call)
 
     def _prune(self) -> None:
+        # Querying an event while this thread captures a CUDA graph invalidates the capture
+        # (cudaErrorStreamCaptureInvalidated): leave the queue alone until the capture ends.
+        if self.issued and self.cuda and _torch.cuda.is_current_stream_capturing():
+            return
         while self.issued and _done(self.issued[0][1]):
             probe = self.issued.popleft()[1]
             if hasattr(probe, "query") and len(self.free_events) < 64:
