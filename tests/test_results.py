@@ -135,6 +135,30 @@ def test_tp_layer_summary(coll):
     assert "prefill 8192 tok" in results.format_tp_layer(doc)
 
 
+def test_tp_layer_prediction_is_the_course_model_on_the_measured_card(coll):
+    from shardlab import cost
+
+    doc = results.load_result("tp_layer", FIX)
+    assert results.gpu_preset(doc) == ("h200-141gb" if "H200" in doc["provenance"]["gpu"]
+                                       else "h100-80gb")
+    rows = results.predict_tp_layer(doc)
+    decode = rows[0]
+    ctx, hidden = doc["config"].get("context", 0), 8192
+    roof = cost.roofline_time("llama3-70b", results.gpu_preset(doc), batch=1, new_tokens=1,
+                              context_len=ctx, dtype="bf16", tp=1, per_layer=True)
+    assert decode["predicted_tp1_s"] == pytest.approx(roof.time)
+    link = results.preset_link(doc)
+    two = cost.roofline_time("llama3-70b", results.gpu_preset(doc), batch=1, new_tokens=1,
+                             context_len=ctx, dtype="bf16", tp=2, per_layer=True).time
+    assert decode["predicted_tp_s"] == pytest.approx(two + 2 * cost.allreduce_time(hidden * 2, 2, link))
+    assert decode["measured_speedup"] == pytest.approx(620 / 350)
+    assert decode["tp_error"] == pytest.approx(abs(decode["predicted_tp_s"] - 350e-6) / 350e-6)
+    # A calibrated link (tens of microseconds per all-reduce) predicts less TP speedup
+    calibrated = results.predict_tp_layer(doc, coll)
+    assert calibrated[0]["predicted_speedup"] < decode["predicted_speedup"]
+    assert "speedup measured" in results.format_tp_prediction(doc, coll)
+
+
 def test_overlap_summary():
     doc = results.load_result("overlap", FIX)
     (row,) = results.summarize_overlap(doc)["rows"]

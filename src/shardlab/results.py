@@ -32,7 +32,8 @@ __all__ = [
     "results_dir", "result_path", "available", "load_result", "try_load", "missing_note",
     "provenance_line", "preset_link", "measured_curve", "calibrated_model",
     "compare_collective", "summarize_collectives", "format_collectives",
-    "summarize_tp_layer", "format_tp_layer", "summarize_overlap", "format_overlap",
+    "summarize_tp_layer", "format_tp_layer", "predict_tp_layer", "format_tp_prediction",
+    "summarize_overlap", "format_overlap",
     "format_table", "format_bytes", "format_seconds", "format_bandwidth",
     "predicted_rows",
 ]
@@ -441,6 +442,64 @@ def format_tp_layer(result: dict) -> str:
         ("speedup", "speedup", _x), ("roofline_speedup", "roofline", _x),
         ("vs_dtensor", "shardlab/DTensor", _x), ("tflops", "TFLOP/s", lambda v: f"{v:,.0f}"),
         ("peak_fraction", "of peak", _pct)])])
+
+
+def gpu_preset(result: dict) -> str:
+    """The course's GPU preset for the card a result was measured on (H100 if unknown)."""
+    gpu = str(result["provenance"].get("gpu") or "").upper()
+    for key, preset in (("H200", "h200-141gb"), ("H100", "h100-80gb"), ("A100", "a100-80gb"),
+                        ("L40S", "l40s-48gb")):
+        if key in gpu:
+            return preset
+    return "h100-80gb"
+
+
+def predict_tp_layer(result: dict, collectives: dict | None = None,
+                     model: str = "llama3-70b") -> list[dict]:
+    """The course's model of every shape in a tp_layer result, beside the measurement.
+
+    Prediction, per layer: `cost.roofline_time` on the datasheet preset of the measured card
+    (weights and KV cache over HBM bandwidth, or FLOPs over the bf16 peak), plus at TP > 1
+    the layer's two all-reduces on the link model: the alpha-beta model calibrated on
+    `collectives` (measured on the same machine) if given, else the link preset.
+    """
+    gpu = gpu_preset(result)
+    link = calibrated_model(collectives) if collectives else preset_link(result)
+    hidden = (result["config"].get("shape") or {}).get("hidden") or cost.get_model(model).hidden
+    context = result["config"].get("context", 0)
+    summary = summarize_tp_layer(result)
+    tp, rows = summary["tp"], []
+    for r in summary["rows"]:
+        decode = r["phase"] == "decode"
+        batch, new = (r["batch"], 1) if decode else (1, r["tokens"])
+        ctx = context if decode else 0
+
+        def predicted(degree: int) -> float:
+            t = cost.roofline_time(model, gpu, batch=batch, new_tokens=new, context_len=ctx,
+                                   dtype="bf16", tp=degree, per_layer=True).time
+            if degree > 1:
+                t += 2 * float(cost.allreduce_time(batch * new * hidden * 2, degree, link))
+            return t
+
+        p1, p2 = predicted(1), predicted(tp)
+        row = {"shape": r["shape"], "tp": tp, "measured_tp1_s": r["tp1_s"], "predicted_tp1_s": p1,
+               "measured_tp_s": r["shardlab_s"], "predicted_tp_s": p2,
+               "measured_speedup": r["speedup"], "predicted_speedup": p1 / p2}
+        row["tp1_error"] = cost.relative_error(p1, r["tp1_s"]) if r["tp1_s"] else None
+        row["tp_error"] = cost.relative_error(p2, r["shardlab_s"]) if r["shardlab_s"] else None
+        rows.append(row)
+    return rows
+
+
+def format_tp_prediction(result: dict, collectives: dict | None = None) -> str:
+    rows = predict_tp_layer(result, collectives)
+    tp = rows[0]["tp"] if rows else 2
+    return format_table(rows, [
+        ("shape", "shape", str), ("measured_tp1_s", "1 GPU measured", _us),
+        ("predicted_tp1_s", "model", _us), ("tp1_error", "err", _pct),
+        ("measured_tp_s", f"TP={tp} measured", _us), ("predicted_tp_s", "model", _us),
+        ("tp_error", "err", _pct), ("measured_speedup", "speedup measured", _x),
+        ("predicted_speedup", "model", _x)])
 
 
 # --------------------------------------------------------------------------- overlap
