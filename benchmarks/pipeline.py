@@ -1,11 +1,13 @@
-"""Pipeline schedules on real GPUs: measured bubble and memory, GPipe against 1F1B.
+"""Pipeline schedules on real GPUs: measured bubble and memory, GPipe, 1F1B and interleaved 1F1B.
 
     PYTHONPATH=src python3 benchmarks/pipeline.py --out $OUT/pipeline.json   # 2 GPUs, NCCL
     PYTHONPATH=src python3 benchmarks/pipeline.py --cpu                      # mock devices
 
-A stack of transformer blocks in bf16 is split into 2 stages (one per GPU) and trained
-for one step by `shardlab.pipeline.executor` under GPipe and 1F1B at several numbers of
-micro-batches m (fixed micro-batch size, so the batch grows with m). Every op is timed
+A stack of transformer blocks in bf16 is split into p stages (one per GPU) and trained
+for one step by `shardlab.pipeline.executor` under GPipe, 1F1B and interleaved 1F1B (two
+model chunks per GPU) at several numbers of micro-batches m (fixed micro-batch size, so the
+batch grows with m; interleaving needs m to be a multiple of p, other m are skipped and
+recorded). Every op is timed
 between CUDA-synchronized timestamps (`sync_cuda=True`), so for each run we get:
 
 * the measured bubble: idle time over stages x makespan, from the op timestamps;
@@ -38,12 +40,29 @@ import provenance as prov  # noqa: E402
 
 prov.setup_environment()
 
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+CHUNKS = {"interleaved-1f1b": 2}  # model chunks per GPU; the others have one
 GPU_CONFIG = {"layers": 8, "hidden": 2048, "heads": 16, "seq": 1024, "micro_batch": 2,
-              "microbatches": [2, 4, 8, 16], "schedules": ["gpipe", "1f1b"], "repeats": 3,
+              "microbatches": [2, 4, 8, 16], "schedules": list(SCHEDULES), "repeats": 3,
               "dtype": "bf16", "timeline_m": 8}
-CPU_CONFIG = {"layers": 4, "hidden": 64, "heads": 4, "seq": 16, "micro_batch": 2,
-              "microbatches": [2, 4, 8], "schedules": ["gpipe", "1f1b"], "repeats": 1,
+CPU_CONFIG = {"layers": 8, "hidden": 64, "heads": 4, "seq": 16, "micro_batch": 2,
+              "microbatches": [2, 4, 8], "schedules": list(SCHEDULES), "repeats": 1,
               "dtype": "fp32", "timeline_m": 4}
+
+
+def runnable(cfg: dict, p: int) -> tuple[list, list]:
+    """The (schedule, m) pairs to run on p stages, and the skipped ones with the reason."""
+    from shardlab.pipeline import schedule
+
+    keep, skipped = [], []
+    for name in cfg["schedules"]:
+        for m in cfg["microbatches"]:
+            try:
+                schedule(name, p, m, CHUNKS.get(name, 1))
+                keep.append((name, m))
+            except ValueError as e:
+                skipped.append({"schedule": name, "microbatches": m, "why": str(e)})
+    return keep, skipped
 
 
 def _bench_rank(cfg: dict) -> list:
@@ -62,12 +81,20 @@ def _bench_rank(cfg: dict) -> list:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg["dtype"]]
     p, dev = shardlab.world_size(), shardlab.device()
     # Build the stack on the meta device (no memory) and give storage only to the layers
-    # this rank holds, on its GPU: the other stage's weights never exist here.
+    # this rank holds under some schedule (one chunk, or two when interleaved), on its GPU:
+    # the other layers never exist here. Each layer is seeded by its index.
     with torch.device("meta"):
         model = ex.BlockStack([ex.TransformerBlock(cfg["hidden"], cfg["heads"])
                                for _ in range(cfg["layers"])])
-    torch.manual_seed(shardlab.rank())
-    for _, layer in ex.stage_layers(model, p, 1, shardlab.rank())[0]:
+    pairs, _ = runnable(cfg, p)
+    mine = {}
+    for v in sorted({CHUNKS.get(name, 1) for name, _ in pairs}):
+        for chunk in ex.stage_layers(model, p, v, shardlab.rank()).values():
+            mine.update({id(layer): layer for _, layer in chunk})
+    for index, layer in enumerate(model.layers):
+        if id(layer) not in mine:
+            continue
+        torch.manual_seed(1000 + index)
         layer.to_empty(device=dev)
         for name, prm in layer.named_parameters():
             with torch.no_grad():
@@ -81,18 +108,19 @@ def _bench_rank(cfg: dict) -> list:
     built = time.perf_counter() - t_start
     g = torch.Generator().manual_seed(1)
     out = []
-    for name in cfg["schedules"]:
-        for m in cfg["microbatches"]:
-            b = m * cfg["micro_batch"]
-            x = torch.randn(b, cfg["seq"], cfg["hidden"], generator=g).to(dtype)
-            y = torch.randn(b, cfg["seq"], cfg["hidden"], generator=g).to(dtype)
-            sched = schedule(name, p, m)
-            for rep in range(cfg["repeats"] + 1):  # the first one warms up
-                rep_out = ex.train_step(model, x, y, sched, sync_cuda=None, return_grads=False)
-                if rep:
-                    out.append({"schedule": name, "microbatches": m, "repeat": rep, "report": rep_out})
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+    for name, m in pairs:
+        v = CHUNKS.get(name, 1)
+        b = m * cfg["micro_batch"]
+        x = torch.randn(b, cfg["seq"], cfg["hidden"], generator=g).to(dtype)
+        y = torch.randn(b, cfg["seq"], cfg["hidden"], generator=g).to(dtype)
+        sched = schedule(name, p, m, v)
+        for rep in range(cfg["repeats"] + 1):  # the first one warms up
+            rep_out = ex.train_step(model, x, y, sched, chunks=v, sync_cuda=None,
+                                    return_grads=False)
+            if rep:
+                out.append({"schedule": name, "microbatches": m, "repeat": rep, "report": rep_out})
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     out.append({"build_s": built, "total_s": time.perf_counter() - t_start})
     return out
 
@@ -112,7 +140,7 @@ def summarize(cfg: dict, per_rank: list) -> tuple[list, dict]:
     for i in range(n):
         entries = [per_rank[r][i] for r in range(p)]
         key = (entries[0]["schedule"], entries[0]["microbatches"])
-        sched = schedule(key[0], p, key[1])
+        sched = schedule(key[0], p, key[1], CHUNKS.get(key[0], 1))
         groups.setdefault(key, []).append(ex.collect(sched, [e["report"] for e in entries]))
     for (name, m), runs in groups.items():
         runs.sort(key=lambda r: r.makespan)
@@ -122,7 +150,7 @@ def summarize(cfg: dict, per_rank: list) -> tuple[list, dict]:
         sim = simulate(run.schedule, t["F"], t["B"])
         sim_hop = simulate(run.schedule, t["F"], t["B"], t_p2p=hop)
         rows.append({
-            "schedule": name, "stages": p, "microbatches": m,
+            "schedule": name, "stages": p, "chunks": CHUNKS.get(name, 1), "microbatches": m,
             "makespan_s": run.makespan,
             "makespans_s": [r.makespan for r in runs],
             "t_forward_s": t["F"], "t_backward_s": t["B"],
@@ -135,7 +163,7 @@ def summarize(cfg: dict, per_rank: list) -> tuple[list, dict]:
             "send_post_s": sorted(x for rep in run.reports for x in rep.send_seconds)[
                 len([x for rep in run.reports for x in rep.send_seconds]) // 2]
             if any(rep.send_seconds for rep in run.reports) else None,
-            "closed_form_bubble": bubble_fraction_closed_form(name, p, m),
+            "closed_form_bubble": bubble_fraction_closed_form(name, p, m, CHUNKS.get(name, 1)),
             "simulated_makespan_s": sim.makespan,
             "peak_memory_allocated": [rep.peak_memory_allocated for rep in run.reports],
             "peak_activation_bytes": list(run.peak_activation_bytes),
@@ -176,12 +204,19 @@ def main(argv=None) -> int:
     parser.add_argument("--microbatches", type=str, default=None,
                         help="comma-separated m values (default 2,4,8,16 on GPUs)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--schedules", type=str, default=None,
+                        help="comma-separated subset of " + ", ".join(SCHEDULES))
     args = parser.parse_args(argv)
     cfg = dict(CPU_CONFIG if args.cpu else GPU_CONFIG)
     if args.microbatches:
         cfg["microbatches"] = [int(x) for x in args.microbatches.split(",")]
     if args.repeats:
         cfg["repeats"] = args.repeats
+    if args.schedules:
+        cfg["schedules"] = [x.strip() for x in args.schedules.split(",") if x.strip()]
+        bad = [x for x in cfg["schedules"] if x not in SCHEDULES]
+        if bad:
+            parser.error(f"unknown schedules {bad}; choose from {', '.join(SCHEDULES)}")
     world = args.world_size
     backend = prov.backend_for(args.cpu, world)
     cfg["world_size"] = world
@@ -189,6 +224,7 @@ def main(argv=None) -> int:
 
     from shardlab import Cluster
 
+    cfg["skipped"] = runnable(cfg, world)[1]
     doc = prov.envelope("pipeline", prov.capture(backend, world), cfg)
     t0 = time.perf_counter()
     try:

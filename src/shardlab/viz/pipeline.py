@@ -430,14 +430,14 @@ def _us(seconds) -> str:
 
 def format_benchmark(doc: dict) -> str:
     """The stored pipeline benchmark (``benchmarks/pipeline.py``) as a text table."""
-    lines = [f"{'schedule':>8} {'m':>3} {'makespan':>10} {'t_f':>8} {'t_b':>8} "
+    lines = [f"{'schedule':>16} {'m':>3} {'makespan':>10} {'t_f':>8} {'t_b':>8} "
              f"{'bubble: measured':>17} {'replayed':>9} {'simulated':>10} {'closed form':>12} "
              f"{'hop':>7} {'send post':>9} {'stage-0 peak memory':>20} {'activations held':>17}"]
     for r in doc["results"].get("runs", []):
         mem = r["peak_memory_allocated"][0]
         held = "/".join(f"{k:g}" for k in r["peak_activations"])
         lines.append(
-            f"{r['schedule']:>8} {r['microbatches']:>3} {r['makespan_s'] * 1e3:>8.1f}ms "
+            f"{r['schedule']:>16} {r['microbatches']:>3} {r['makespan_s'] * 1e3:>8.1f}ms "
             f"{r['t_forward_s'] * 1e3:>6.2f}ms {r['t_backward_s'] * 1e3:>6.2f}ms "
             f"{r['measured_bubble']:>17.1%} {r.get('replayed_bubble', float('nan')):>9.1%} "
             f"{r['simulated_bubble']:>10.1%} {r['closed_form_bubble']:>12.1%} "
@@ -448,8 +448,8 @@ def format_benchmark(doc: dict) -> str:
 
 def benchmark_figure(doc: dict):
     """Stored GPU pipeline results: bubble (measured; replayed from the measured op
-    durations with no gaps; the closed form) and stage 0's peak memory against m, GPipe
-    and 1F1B."""
+    durations with no gaps; the closed form) and stage 0's peak memory against m, per
+    schedule (GPipe, 1F1B, interleaved 1F1B)."""
     from matplotlib.figure import Figure
 
     runs = doc["results"].get("runs", [])
@@ -463,6 +463,9 @@ def benchmark_figure(doc: dict):
         if "replayed_bubble" in rs[0]:
             ax1.plot(ms, [r["replayed_bubble"] for r in rs], "x:", color=c,
                      label=f"{name} replayed (measured op times, no gaps)")
+        if rs[0].get("chunks", 1) > 1:  # interleaving has its own closed form
+            ax1.plot(ms, [r["closed_form_bubble"] for r in rs], "--", color=c, lw=1,
+                     label=f"{name} closed form (v={rs[0]['chunks']})")
         ax2.plot(ms, [r["peak_memory_allocated"][0] / 2**30 for r in rs], "o-", color=c,
                  label=f"{name}")
     if runs:
