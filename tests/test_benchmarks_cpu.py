@@ -125,3 +125,24 @@ def test_run_gpu_script_is_valid_bash_and_keeps_multicast_off():
         assert var in text
     for name in ("collectives", "tp_mlp", "tp_layer", "overlap", "pipeline", "alltoall", "pytest-gpu"):
         assert name in text
+
+
+def test_pipeline_figure_draws_a_mock_device_result(tmp_path):
+    """A learner's own --cpu run (no CUDA memory) still draws; every schedule has its line."""
+    import matplotlib.pyplot as plt
+
+    from shardlab.viz import pipeline as pviz
+
+    path = tmp_path / "pipeline.json"
+    proc = _run([str(BENCH / "pipeline.py"), "--cpu", "--microbatches", "2,4", "--out", str(path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(path.read_text())
+    fig = pviz.benchmark_figure(doc)
+    bubble, memory = fig.axes[:2]
+    labels = [line.get_label() for line in bubble.lines]
+    for name in ("gpipe", "1f1b", "interleaved-1f1b"):
+        assert f"{name} measured" in labels
+    assert "interleaved-1f1b closed form (v=2)" in labels
+    assert not memory.lines and "not measured" in memory.get_title(loc="left")
+    assert "interleaved-1f1b" in pviz.format_benchmark(doc)
+    plt.close(fig)
