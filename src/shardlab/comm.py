@@ -229,9 +229,9 @@ def all_gather(x: torch.Tensor, dim: int = 0, group=None, out: torch.Tensor | No
     p = dist.get_world_size(group)
     if out is not None and dim != 0:
         raise ValueError("all_gather: out= works along dim 0; gather into a new tensor for other dims")
-    _begin("all_gather", group, _nbytes(x) * p, "allgather", x, p)
     x0 = x.movedim(dim, 0).contiguous() if dim else x.contiguous()
     res = _output(out, (p * x0.shape[0], *x0.shape[1:]), x, "all_gather")
+    _begin("all_gather", group, _nbytes(x) * p, "allgather", x, p)
     if p == 1:
         res.copy_(x0)
     else:
@@ -252,9 +252,9 @@ def reduce_scatter(x: torch.Tensor, dim: int = 0, op: str = "sum", group=None,
                          f"the group size {p}; pad it or choose another dim")
     if out is not None and dim != 0:
         raise ValueError("reduce_scatter: out= works along dim 0; use a new tensor for other dims")
-    _begin("reduce_scatter", group, _nbytes(x), "reduce_scatter", x, p)
     x0 = x.movedim(dim, 0).contiguous() if dim else x.contiguous()
     res = _output(out, (x0.shape[0] // p, *x0.shape[1:]), x, "reduce_scatter")
+    _begin("reduce_scatter", group, _nbytes(x), "reduce_scatter", x, p)
     if p == 1:
         res.copy_(x0)
     else:
