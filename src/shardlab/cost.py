@@ -280,7 +280,7 @@ def _least_squares(design: np.ndarray, y: np.ndarray, relative: bool) -> tuple[f
     return float(coef[0]), float(coef[1])
 
 
-def _ternary_min(f, lo: float, hi: float, iters: int = 100) -> tuple[float, float]:
+def _ternary_min(f, lo: float, hi: float, iters: int = 64) -> tuple[float, float]:
     """Minimum of a convex function on [lo, hi]: (argmin, value)."""
     for _ in range(iters):
         m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
@@ -300,8 +300,10 @@ def _minimax_relative(design: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     (no LP solver needed for two unknowns).
     """
     c, d = design[:, 0] / y, design[:, 1] / y  # relative prediction per unit alpha, beta
-    a_hi = 1.0 / c.max() * 2 if c.max() > 0 else 0.0
-    b_hi = 2.0 / d[d > 0].min() if np.any(d > 0) else 0.0
+    # (0, 0) has error 1 everywhere, so the optimum keeps every prediction under twice its
+    # measurement: alpha <= 2 / max(c), beta <= 2 / max(d). Tight brackets, few iterations.
+    a_hi = 2.0 / c.max() if c.max() > 0 else 0.0
+    b_hi = 2.0 / d.max() if d.max() > 0 else 0.0
 
     def worst(alpha: float, beta: float) -> float:
         return float(np.max(np.abs(c * alpha + d * beta - 1.0)))
@@ -310,7 +312,7 @@ def _minimax_relative(design: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return _ternary_min(lambda b: worst(alpha, b), 0.0, b_hi)
 
     alpha, _ = _ternary_min(lambda a: best_beta(a)[1], 0.0, a_hi)
-    return alpha, best_beta(alpha)[0]
+    return float(alpha), float(best_beta(alpha)[0])
 
 
 def relative_error(predicted, measured):

@@ -264,9 +264,12 @@ def summarize_collectives(result: dict, impl: str = "shardlab") -> dict:
     fits = []
     pairs = sorted({(m["op"], m["dtype"]) for m in _measurements(result)},
                    key=lambda od: (list(OP_TO_COLLECTIVE).index(od[0]), od[1]))
+    models: dict[str, cost.CollectiveModel] = {}
     for op, dtype in pairs:
         collective = OP_TO_COLLECTIVE[op]
-        model = calibrated_model(result, dtype, impl)
+        if dtype not in models:  # one fit of every collective per dtype
+            models[dtype] = calibrated_model(result, dtype, impl)
+        model = models[dtype]
         ab = model.alpha_beta(collective)
         rows = compare_collective(result, op, dtype, impl, model)
         worst_ratio = max(rows, key=lambda r: r["ratio"])
