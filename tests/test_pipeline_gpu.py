@@ -1,7 +1,8 @@
 """The pipeline executor on real GPUs (NCCL): same results as one device, activations held
 as the simulator says, and GPipe's larger memory footprint measured by CUDA itself.
 
-Run on a machine with 2 GPUs: ``PYTHONPATH=src python -m pytest -m gpu tests/test_pipeline_gpu.py``.
+Run on a machine with 2 GPUs: ``PYTHONPATH=src python -m pytest -m gpu tests/test_pipeline_gpu.py``
+(the 4-stage cases skip there; they run on a 4-GPU node).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from shardlab.pipeline import schedule, simulate
 from shardlab.pipeline import executor as ex
 from shardlab.pipeline import torch_compare as tc
 
+from conftest import GPU_WORLDS
+
 pytestmark = pytest.mark.gpu
 
 CASES = [("naive", 2, 1), ("gpipe", 4, 1), ("1f1b", 4, 1), ("interleaved-1f1b", 4, 2), ("zb-h1", 4, 1)]
@@ -24,13 +27,14 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32 = False
 
 
+@pytest.mark.parametrize("world", GPU_WORLDS)
 @pytest.mark.parametrize("name,m,v", CASES, ids=[c[0] for c in CASES])
-def test_nccl_step_matches_single_device(gpu_clusters, name, m, v):
-    cluster = gpu_clusters(2)
+def test_nccl_step_matches_single_device(gpu_clusters, name, m, v, world):
+    cluster = gpu_clusters(world)
     cluster.run(_no_tf32)
-    model = ex.block_stack(layers=4 * v, hidden=32, kind="transformer", seed=v)
+    model = ex.block_stack(layers=world * 2 * v, hidden=32, kind="transformer", seed=v)
     x, y = ex.example_batch(model, batch=2 * m, seq=8)
-    sched = schedule(name, 2, m, v)
+    sched = schedule(name, world, m, v)
     run = ex.run_pipeline(cluster, model, x, y, sched)
     assert all(d.startswith("cuda:") for d in run.devices)
     loss, grads = ex.reference_step(model, x, y)  # on the CPU, fp32
