@@ -75,7 +75,9 @@ GPU_CONFIG = dict(shape=dataclasses.asdict(LayerShape()), dtype="bf16", context=
                   graph_layers=4, decode_iters=10, prefill_iters=2, repeats=5, warmup=2,
                   overlap_chunks=4, overlap_min_rows=512, copy_bytes=2**30, matmul_n=8192,
                   check_tolerance=3e-2, seed=0)
-CPU_CONFIG = dict(GPU_CONFIG, shape=dataclasses.asdict(LayerShape(256, 8, 2, 512)), context=16,
+# Toy shape for mock devices: still grouped-query attention (16 query heads on 8 KV heads),
+# so that TP up to 8 splits the KV heads as it does on the real 70B layer.
+CPU_CONFIG = dict(GPU_CONFIG, shape=dataclasses.asdict(LayerShape(512, 16, 8, 512)), context=16,
                   decode_batches=[1, 4], prefill_tokens=[16, 32], graph_layers=2,
                   decode_iters=2, prefill_iters=1, repeats=2, warmup=1, overlap_min_rows=8,
                   copy_bytes=2**22, matmul_n=256)
@@ -629,6 +631,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(ph not in PHASES for ph in phases):
         parser.error(f"unknown phase in {phases}; choose from {', '.join(PHASES)}")
     cfg["world_size"] = args.world_size
+    shape = LayerShape(**cfg["shape"])
+    for what, n in (("KV heads", shape.kv_heads), ("query heads", shape.heads),
+                    ("FFN width", shape.ffn)):
+        if n % args.world_size:
+            parser.error(f"TP={args.world_size} does not divide the layer's {n} {what}: "
+                         f"use a --world-size that divides {shape.kv_heads}")
     out = args.out or prov.default_out("tp_layer", args.cpu)
 
     backend = prov.backend_for(args.cpu, args.world_size)
