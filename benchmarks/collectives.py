@@ -38,9 +38,10 @@ DTYPES = ("bf16", "fp16")
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
 
-def default_sizes(cpu: bool, step: int = 2) -> list[int]:
-    """4 KiB up to 1 GiB on GPUs (256 KiB on mock devices), multiplying by `step`."""
-    top = 256 * KiB if cpu else GiB
+def default_sizes(cpu: bool, step: int = 2, top: int | None = None) -> list[int]:
+    """4 KiB up to `top` bytes (default 1 GiB on GPUs, 256 KiB on mock devices), multiplying
+    by `step`."""
+    top = top or (256 * KiB if cpu else GiB)
     sizes, s = [], 4 * KiB
     while s <= top:
         sizes.append(s)
@@ -305,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=None, help="comma-separated: bf16,fp16 (default both)")
     parser.add_argument("--step", type=int, default=2, choices=(2, 4),
                         help="size multiplier from 4 KiB (2: 19 sizes to 1 GiB; 4: 10 sizes)")
-    parser.add_argument("--max-bytes", type=int, default=None, help="largest size (default 1 GiB)")
+    parser.add_argument("--max-bytes", type=int, default=None,
+                        help="largest size, smaller or larger than the default 1 GiB "
+                        "(e.g. 4294967296 for 4 GiB on an 8-GPU node)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per size "
                         "and implementation (default 9; 3 with --cpu)")
     args = parser.parse_args(argv)
@@ -315,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unknown ops {bad}; choose from {', '.join(OPS)}")
     dtypes = args.dtypes.split(",") if args.dtypes else list(DTYPES)
-    sizes = default_sizes(args.cpu, args.step)
-    if args.max_bytes:
-        sizes = [s for s in sizes if s <= args.max_bytes]
+    sizes = default_sizes(args.cpu, args.step, args.max_bytes)
     repeats = args.repeats or (3 if args.cpu else 9)
     warmup = 1 if args.cpu else 3
     out = args.out or prov.default_out("collectives", args.cpu)
